@@ -1,0 +1,1 @@
+"""jobs: entry points only (the `w2w` CLI, Ray job entrypoints, pretraining scripts)."""

@@ -1,0 +1,1 @@
+"""One module per `w2w` sub-command (see jobs/cli.py)."""

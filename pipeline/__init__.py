@@ -1,0 +1,1 @@
+"""pipeline: the distributed dataset builder and the subspace stage. Uses w2w_core."""

@@ -1,0 +1,301 @@
+"""The frozen base model: load it once from a ModelConfig, encode images and prompts.
+
+tiny and SD1.5 share every line here; only the config differs. `builtin:tiny` names the
+tiny world's weights committed in w2w_core/assets/tiny (diffusers save_pretrained layout).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from w2w_core.config import ModelConfig
+
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN_PREFIX = "builtin:"
+
+# ---------------------------------------------------------------------- tiny architecture
+# A latent diffusion model small enough to train and sample on a 2-core CPU, with the SD1.5
+# module names LoRA targets: attention (to_q/to_k/to_v/to_out) in every down/up block.
+TINY_VOCAB_WORDS = (
+    "a photo of the person sks and with without , . wearing having "
+    "male female man woman beard eyeglasses glasses bangs smiling young old pale_skin "
+    "portrait face painting cartoon sketch in on at background red green blue"
+).split()
+TINY_MAX_TOKENS = 16
+
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    cross_attention_dim=64,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=64,
+)
+TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=TINY_MAX_TOKENS,
+)
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BaseModel:
+    """Frozen diffusers components + the device/dtype they live on."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object  # the training noise scheduler (DDPM)
+    device: torch.device
+    dtype: torch.dtype
+    resolution: int
+    fingerprint: str
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, H, W) -> scaled VAE latents (posterior mean).
+
+        The mean (not a sample) keeps cached latents deterministic; the noise added in
+        training dominates the posterior's tiny variance.
+        """
+        images = images.to(self.device, self.vae.dtype)
+        latents = self.vae.encode(images).latent_dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1]."""
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+    def pipeline(self):
+        """A ready StableDiffusionPipeline sharing these (frozen) components."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=DDIMScheduler.from_config(self.scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def resolve_model_path(path: str) -> Path:
+    if path.startswith(BUILTIN_PREFIX):
+        name = path[len(BUILTIN_PREFIX) :]
+        resolved = ASSETS / name
+        if not resolved.is_dir():
+            raise FileNotFoundError(
+                f"built-in model '{name}' not found at {resolved}; the tiny world is created by "
+                "`python -m jobs.pretrain_tiny` (see docs/TINY_WORLD.md)"
+            )
+        return resolved
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise FileNotFoundError(
+            f"model.path={path!r} does not exist: give a local diffusers directory "
+            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a single .safetensors checkpoint"
+        )
+    return resolved
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_base_model(cfg: ModelConfig, device: str | torch.device | None = None) -> BaseModel:
+    """Load and freeze the base components named by `cfg` (no download, ever)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    path = resolve_model_path(cfg.path)
+    dtype = DTYPES[cfg.dtype]
+    if path.is_file():
+        import diffusers
+
+        cls = getattr(diffusers, cfg.single_file_pipeline)
+        pipe = cls.from_single_file(str(path), dtype=dtype, local_files_only=True)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
+        )
+    return from_components(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        device=resolve_device(str(device) if device is not None else cfg.device),
+        resolution=cfg.resolution,
+        fingerprint=fingerprint_path(path),
+    )
+
+
+def from_components(
+    unet, vae, text_encoder, tokenizer, scheduler, device, resolution: int, fingerprint: str = "random"
+) -> BaseModel:
+    device = torch.device(device)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)
+    return BaseModel(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        device=device,
+        dtype=unet.dtype,
+        resolution=resolution,
+        fingerprint=fingerprint,
+    )
+
+
+def fingerprint_path(path: Path) -> str:
+    """Hash of the model's configs and weight file sizes: cheap, and changes when the model does."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        if f.suffix == ".json":
+            h.update(f.read_bytes())
+        else:
+            h.update(str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- tiny components
+def tiny_tokenizer():
+    """A word-level tokenizer built in code (no download), saved/loaded as tokenizer.json."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(TINY_VOCAB_WORDS)))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=TINY_MAX_TOKENS,
+    )
+
+
+def tiny_components(seed: int = 0) -> dict:
+    """Randomly initialised tiny components (the starting point of pretraining; also test fixtures)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **TINY_TEXT,
+    )
+    return dict(
+        unet=UNet2DConditionModel(**TINY_UNET),
+        vae=AutoencoderKL(**TINY_VAE),
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        scheduler=DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            steps_offset=1,
+            clip_sample=False,
+        ),
+    )
+
+
+def random_tiny_base(seed: int = 0, device: str = "cpu") -> BaseModel:
+    return from_components(**tiny_components(seed), device=device, resolution=TINY_VAE["sample_size"])
+
+
+def save_components(components: dict, directory: str | Path) -> Path:
+    """Save components in diffusers' save_pretrained layout (loadable by load_base_model)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        unet=components["unet"],
+        scheduler=components["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    return Path(directory)
+
+
+def unet_config_json(unet) -> str:
+    return json.dumps(dict(unet.config), sort_keys=True, default=str)
