@@ -1,0 +1,1 @@
+"""Identity data: the SynthFaces generator and the identity-source loader."""

@@ -1,0 +1,119 @@
+"""IdentitySource: the one loader for identity data, SynthFaces output or a user's own.
+
+Layout (the same for both):
+
+    <root>/attributes.parquet      column `identity` (str) + one 0/1 integer column per attribute
+    <root>/<identity>/<any>.png    images of that identity (png, jpg, jpeg, webp), used in sorted order
+
+Problems raise `IdentityDataError` naming the file or identity and the fix; nothing is skipped
+silently.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class IdentityDataError(ValueError):
+    """The identity source on disk is missing something or holds an unreadable file."""
+
+
+class IdentitySource:
+    def __init__(self, root: str | Path):
+        import pyarrow.parquet as pq
+
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise IdentityDataError(
+                f"identity source {self.root} is not a directory: give a folder with one sub-folder of images "
+                "per identity and attributes.parquet (create a synthetic one with `w2w synth OUT`)"
+            )
+        parquet = self.root / "attributes.parquet"
+        if not parquet.is_file():
+            raise IdentityDataError(
+                f"{parquet} is missing: write a Parquet table with a string column 'identity' (the sub-folder "
+                "names) and one 0/1 column per attribute (e.g. male, beard, young)"
+            )
+        try:
+            table = pq.read_table(parquet)
+        except Exception as err:  # noqa: BLE001
+            raise IdentityDataError(f"{parquet} is not a readable Parquet file ({err}); rewrite it") from err
+        if "identity" not in table.column_names:
+            raise IdentityDataError(
+                f"{parquet} has no 'identity' column (columns: {table.column_names}); add the sub-folder names as 'identity'"
+            )
+        ids = [str(v) for v in table.column("identity").to_pylist()]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise IdentityDataError(f"{parquet} lists identities more than once: {dup}; keep one row per identity")
+        self.attribute_names: list[str] = [c for c in table.column_names if c != "identity"]
+        order = sorted(range(len(ids)), key=lambda i: ids[i])
+        self.table = table.take(order)
+        self.ids: list[str] = [ids[i] for i in order]
+        self._rows = {ident: i for i, ident in enumerate(self.ids)}
+        self._columns = {a: self.table.column(a).to_pylist() for a in self.attribute_names}
+        for a, values in self._columns.items():
+            bad = [v for v in values if v not in (0, 1, True, False)]
+            if bad:
+                raise IdentityDataError(f"{parquet} column '{a}' holds {bad[0]!r}; attribute columns must be 0/1")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _row(self, identity_id: str) -> int:
+        try:
+            return self._rows[identity_id]
+        except KeyError:
+            raise IdentityDataError(
+                f"identity {identity_id!r} is not listed in {self.root / 'attributes.parquet'}"
+            ) from None
+
+    def attributes(self, identity_id: str) -> dict[str, int]:
+        row = self._row(identity_id)
+        return {a: int(self._columns[a][row]) for a in self.attribute_names}
+
+    def image_paths(self, identity_id: str) -> list[Path]:
+        self._row(identity_id)
+        folder = self.root / identity_id
+        if not folder.is_dir():
+            raise IdentityDataError(
+                f"identity {identity_id!r} is listed in attributes.parquet but its folder {folder} is missing; "
+                "add the folder of images or remove the row"
+            )
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+    def load_images(self, identity_id: str, n: int, resolution: int):
+        """The first `n` images (sorted), RGB, resized to resolution x resolution -> (k, 3, r, r) in [-1, 1]."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        paths = self.image_paths(identity_id)[:n]
+        if not paths:
+            raise IdentityDataError(
+                f"identity {identity_id!r} has no images in {self.root / identity_id} "
+                f"(looked for {', '.join(IMAGE_SUFFIXES)}); add images or remove the row"
+            )
+        arrays = []
+        for p in paths:
+            try:
+                with Image.open(p) as im:
+                    im = im.convert("RGB")
+                    if im.size != (resolution, resolution):
+                        im = _center_square(im).resize((resolution, resolution), Image.BICUBIC)
+                    arrays.append(np.asarray(im, dtype=np.uint8))
+            except Exception as err:  # noqa: BLE001
+                raise IdentityDataError(
+                    f"cannot read image {p} of identity {identity_id!r} ({type(err).__name__}: {err}); "
+                    "replace or delete the file"
+                ) from err
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+        return x.div(127.5).sub(1.0)
+
+
+def _center_square(im):
+    w, h = im.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return im.crop((left, top, left + s, top + s))

@@ -1,0 +1,1 @@
+"""Tiny-world evaluators: identity embedder and attribute classifier."""
