@@ -1,0 +1,138 @@
+"""The batched multi-LoRA trainer == K runs of the peft reference trainer (fp32, CPU, tiny model)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import pipeline.train.batched as batched_mod
+from pipeline.config import TrainConfig
+from pipeline.train import (
+    IdentityInput,
+    LayoutMismatchError,
+    generate_class_latents,
+    load_class_latents,
+    save_class_latents,
+    train_identities,
+)
+from w2w_core.layout import LoraLayout
+from w2w_core.model import TINY_UNET, random_tiny_base
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def world():
+    base = random_tiny_base(0)
+    layout = LoraLayout.from_unet(base.unet)
+    cfg = TrainConfig(steps=4, lr=1e-3, num_class_images=3, class_image_steps=2, identities_per_batch=4,
+                      max_grad_norm=0.0, seed=7)
+    class_latents = generate_class_latents(base, cfg)
+    return base, layout, cfg, class_latents
+
+
+def _identities(n: int, images: int = 3, seed: int = 0) -> list[IdentityInput]:
+    g = torch.Generator().manual_seed(seed)
+    return [IdentityInput(f"id{i}", torch.rand(images, 3, 64, 64, generator=g) * 2 - 1, seed=100 + i) for i in range(n)]
+
+
+def _assert_clean(base):
+    assert not hasattr(base.unet, "peft_config")
+    for name, module in base.unet.named_modules():
+        assert "lora" not in name.lower() and "Lora" not in type(module).__name__, name
+    assert all(not p.requires_grad for p in base.unet.parameters())
+
+
+def test_batched_equals_reference(world):
+    base, layout, cfg, class_latents = world
+    ids = _identities(3)
+    ref = train_identities(base, layout, cfg, ids, trainer="reference", class_latents=class_latents)
+    _assert_clean(base)
+    bat = train_identities(base, layout, cfg, ids, trainer="batched", class_latents=class_latents)
+    _assert_clean(base)
+    for r, b in zip(ref, bat):
+        assert r.status == b.status == "ok"
+        assert r.identity_id == b.identity_id and b.steps == cfg.steps
+        assert b.vector.dtype == torch.float32 and b.vector.shape == (layout.numel,)
+        assert b.vector.abs().max() > 0.01  # really trained (B moved away from 0)
+        torch.testing.assert_close(b.vector, r.vector, atol=ATOL, rtol=0)
+        assert b.final_loss == pytest.approx(r.final_loss, abs=1e-4)
+        assert b.loss_mean_last10 == pytest.approx(r.loss_mean_last10, abs=1e-4)
+    # identities are independent: different seeds -> different vectors
+    assert (bat[0].vector - bat[1].vector).abs().max() > 1e-3
+
+
+def test_clipping_nan_and_empty_identities(world, monkeypatch):
+    base, layout, cfg, class_latents = world
+    cfg = dataclasses.replace(cfg, max_grad_norm=0.05, batch_size=2, steps=3)
+    norms = []
+    real_clip = batched_mod.per_identity_clip_
+
+    def spy(params, max_norm):
+        total = real_clip(params, max_norm)
+        norms.append(total.clone())
+        return total
+
+    monkeypatch.setattr(batched_mod, "per_identity_clip_", spy)
+    ids = _identities(4, seed=1)
+    ids[1] = IdentityInput("nan", torch.full((3, 3, 64, 64), float("nan")), seed=5)
+    ids.insert(2, IdentityInput("empty", torch.zeros(0, 3, 64, 64), seed=6))
+    bat = train_identities(base, layout, cfg, ids, trainer="batched", class_latents=class_latents)
+    _assert_clean(base)
+    assert [r.status for r in bat] == ["ok", "quarantined", "quarantined", "ok", "ok"]
+    assert bat[1].vector is None and bat[1].reason == "non-finite loss at step 0"
+    assert bat[2].vector is None and "zero training images" in bat[2].reason
+    # clipping really was active for the healthy identities
+    healthy = torch.stack(norms)[:, [0, 2, 3]]
+    assert (healthy > cfg.max_grad_norm).all()
+
+    keep = [ids[0], ids[3], ids[4]]
+    ref = train_identities(base, layout, cfg, keep, trainer="reference", class_latents=class_latents)
+    for r, b in zip(ref, [bat[0], bat[3], bat[4]]):
+        assert r.status == "ok"
+        torch.testing.assert_close(b.vector, r.vector, atol=ATOL, rtol=0)
+    ref_nan = train_identities(base, layout, cfg, [ids[1]], trainer="reference", class_latents=class_latents)[0]
+    assert ref_nan.status == "quarantined" and ref_nan.reason == "non-finite loss at step 0"
+
+
+def test_encoding_happens_once(world, monkeypatch):
+    base, layout, cfg, class_latents = world
+    calls = {"vae": 0, "text": 0}
+    real_vae, real_text = base.vae.encode, base.text_encoder.forward
+
+    def vae_encode(*a, **k):
+        calls["vae"] += 1
+        return real_vae(*a, **k)
+
+    def text_forward(*a, **k):
+        calls["text"] += 1
+        return real_text(*a, **k)
+
+    monkeypatch.setattr(base.vae, "encode", vae_encode)
+    monkeypatch.setattr(base.text_encoder, "forward", text_forward)
+    ids = _identities(2)
+    seen = []
+    for steps in (1, 3):
+        calls.update(vae=0, text=0)
+        train_identities(base, layout, dataclasses.replace(cfg, steps=steps), ids, class_latents=class_latents,
+                         progress=lambda done, total: seen.append((done, total)))
+        seen_counts = dict(calls)
+        assert seen_counts == {"vae": 2, "text": 1}, (steps, seen_counts)
+    assert seen[-1] == (2, 2)
+
+
+def test_layout_mismatch_raises(world):
+    base, _, cfg, class_latents = world
+    other = LoraLayout.from_unet_config(dict(TINY_UNET, block_out_channels=(16, 32), norm_num_groups=8))
+    for trainer in ("batched", "reference"):
+        with pytest.raises(LayoutMismatchError, match="layout"):
+            train_identities(base, other, cfg, _identities(1), trainer=trainer, class_latents=class_latents)
+    _assert_clean(base)
+
+
+def test_class_latents_roundtrip(world, tmp_path):
+    *_, class_latents = world
+    path = save_class_latents(class_latents, tmp_path / "class.safetensors", {"prompt": "person"})
+    assert torch.equal(load_class_latents(path), class_latents)
+    assert class_latents.shape == (3, 4, 16, 16) and torch.isfinite(class_latents).all()
