@@ -1,0 +1,135 @@
+"""Generate images from LoRA vectors, and lay them out as labelled PNG grids.
+
+One peft adapter slot is attached to the base UNet once; each vector is written into it
+in place, so rendering many models does not re-wrap the UNet per model.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import peft
+import torch
+from PIL import Image, ImageDraw
+
+from w2w_core.layout import LoraLayout
+from w2w_core.model import BaseModel
+
+SLOT = "w2w"
+
+
+class LoraSlot:
+    """A LoRA adapter attached to `base.unet` whose weights are set from flat vectors."""
+
+    def __init__(self, base: BaseModel, layout: LoraLayout, adapter_name: str = SLOT):
+        self.base, self.layout, self.adapter_name = base, layout, adapter_name
+        unet = base.unet
+        if adapter_name in getattr(unet, "peft_config", {}):
+            raise RuntimeError(f"the UNet already carries an adapter named {adapter_name!r}")
+        unet.add_adapter(layout.peft_config(), adapter_name=adapter_name)
+        # Adapter params live in fp32 even when the base is bf16/fp16.
+        for name, param in unet.named_parameters():
+            if f".{adapter_name}." in name:
+                param.data = param.data.float()
+                param.requires_grad_(False)
+        self.param_names = {key: _param_name(key, adapter_name) for key in layout.keys}
+        self.set(torch.zeros(layout.numel))
+
+    @torch.no_grad()
+    def set(self, vector: torch.Tensor) -> None:
+        params = dict(self.base.unet.named_parameters())
+        for key, tensor in self.layout.unflatten(torch.as_tensor(vector, dtype=torch.float32)).items():
+            params[self.param_names[key]].copy_(tensor)
+
+    def functional_params(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Differentiable {param name: tensor} views of `vector` for torch.func.functional_call."""
+        out = {}
+        for key, shape in self.layout.entries:
+            start, stop = self.layout.offsets[key]
+            out[self.param_names[key]] = vector[start:stop].view(shape)
+        return out
+
+    def remove(self) -> None:
+        self.base.unet.delete_adapters(self.adapter_name)
+        if not getattr(self.base.unet, "peft_config", None):
+            self.base.unet.unload_lora()
+
+    def __enter__(self) -> "LoraSlot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _param_name(key: str, adapter_name: str) -> str:
+    # peft key 'x.to_q.lora_A.weight' -> module parameter 'x.to_q.lora_A.<adapter>.weight'
+    head, tail = key.rsplit(".", 1)
+    return f"{head}.{adapter_name}.{tail}"
+
+
+@torch.no_grad()
+def generate(
+    base: BaseModel,
+    prompts: Sequence[str],
+    seed: int = 0,
+    steps: int = 25,
+    guidance_scale: float = 1.0,
+    negative_prompt: str | None = None,
+) -> list[Image.Image]:
+    """Render one image per prompt with whatever LoRA the UNet currently carries.
+
+    Every prompt uses the same initial noise (seeded), so rows of a grid differ only by the model.
+    """
+    pipe = base.pipeline()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    size = base.resolution
+    channels = base.unet.config.in_channels
+    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    noise = torch.randn((1, channels, size // factor, size // factor), generator=generator)
+    latents = noise.expand(len(prompts), -1, -1, -1).to(base.device, base.unet.dtype)
+    result = pipe(
+        list(prompts),
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt is not None else None,
+        height=size,
+        width=size,
+        latents=latents,
+        output_type="pil",
+    )
+    return list(result.images)
+
+
+def tensor_to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL image."""
+    array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def pil_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """PIL image -> (3, resolution, resolution) in [-1, 1]."""
+    image = image.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+def grid(
+    rows: Sequence[Sequence[Image.Image]],
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    scale: int = 2,
+) -> Image.Image:
+    """Lay out images in rows, with optional text labels on the left and on top."""
+    cell = rows[0][0].size[0] * scale
+    left = 0 if not row_labels else max(60, 7 * max(len(label) for label in row_labels))
+    top = 0 if not col_labels else 16
+    width = left + cell * max(len(r) for r in rows)
+    canvas = Image.new("RGB", (width, top + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(col_labels or []):
+        draw.text((left + j * cell + 2, 2), str(label)[: cell // 6], fill="black")
+    for i, row in enumerate(rows):
+        if row_labels:
+            draw.text((2, top + i * cell + cell // 2 - 5), str(row_labels[i]), fill="black")
+        for j, image in enumerate(row):
+            canvas.paste(image.resize((cell, cell), Image.NEAREST), (left + j * cell, top + i * cell))
+    return canvas
