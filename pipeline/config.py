@@ -71,6 +71,14 @@ class BuildConfig:
     trainer: str = "batched"
     max_restarts: int = 3
     max_task_retries: int = 3
+    # --- synthetic trainer only (orchestration tests and the scale simulation) ---
+    # Seconds each shard sleeps, to make a build slow enough to interrupt in fault tests.
+    synthetic_delay_s: float = 0.0
+    # "" = layout of the configured base model (loaded); "tiny" / "sd15" = that UNet's layout
+    # computed without loading any weights (no base model needed at all).
+    synthetic_layout: str = ""
+    # > 0: plan this many virtual identities (ids v000000..., no images) instead of data.source.
+    synthetic_identities: int = 0
 
 
 @dataclass
@@ -98,6 +106,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "build.trainer": ("batched", "reference", "synthetic"),
+    "build.synthetic_layout": ("", "tiny", "sd15"),
     "subspace.method": ("gram", "randomized"),
 }
 POSITIVE: tuple[str, ...] = (
@@ -121,6 +130,8 @@ NON_NEGATIVE: tuple[str, ...] = (
     "build.workers",
     "build.gpus_per_worker",
     "build.cpus_per_worker",
+    "build.synthetic_delay_s",
+    "build.synthetic_identities",
 )
 
 

@@ -5,6 +5,8 @@
                               Group attributes: layout JSON, base fingerprint, config, attributes.
     <out>/manifest.parquet    one row per identity: row, identity, source, shard, <attribute columns>
     <out>/shards/<s>.json     completion marker, written only after chunk s is fully written
+    <out>/progress/*.json     advisory heartbeat/failure files (running/failed shards, the build run)
+    <out>/class_latents.safetensors  prior-preservation latents, generated once per build
 
 Shard s = rows [s*R, (s+1)*R) = exactly one chunk, written by exactly one worker, so
 concurrent writers never share a chunk. A shard without a marker is not done, whatever
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
@@ -30,6 +33,8 @@ WEIGHTS_DIR = "weights.zarr"
 WEIGHTS_ARRAY = "weights"
 MANIFEST = "manifest.parquet"
 SHARDS_DIR = "shards"
+PROGRESS_DIR = "progress"
+CLASS_LATENTS = "class_latents.safetensors"
 STORE_FORMAT = "w2w-store/1"
 RESERVED_COLUMNS = ("row", "identity", "source", "shard")
 
@@ -101,12 +106,16 @@ class WeightStore:
         rows_per_shard: int,
         attributes: Iterable[str],
         metadata: dict,
+        advisory: dict | None = None,
     ) -> "WeightStore":
         """Create the array (NaN-filled, nothing written yet) and the manifest.
 
         `metadata` (base fingerprint, training config, ...) is what makes two builds the
         same build; re-creating an existing store with different metadata is refused.
+        `advisory` attributes (e.g. the full config including worker counts) are stored
+        but not compared; re-opening refreshes them.
         """
+        advisory = dict(advisory or {})
         out = str(out)
         n_rows = manifest.num_rows
         attrs = {
@@ -118,7 +127,10 @@ class WeightStore:
         }
         if cls.exists(out):
             store = cls.open(out)
-            store.check_same_build(attrs)
+            store.check_same_build(attrs, ignore=advisory.keys())
+            if advisory:
+                store.group.attrs.update(_json_round_trip(advisory))
+                store.attrs.update(_json_round_trip(advisory))
             return store
         fs, root = fsspec.core.url_to_fs(out)
         fs.makedirs(join(root, SHARDS_DIR), exist_ok=True)
@@ -132,12 +144,13 @@ class WeightStore:
             fill_value=float("nan"),
             # No sharding codec: one chunk = one shard = one writer.
         )
-        group.attrs.update(_json_round_trip(attrs))
+        group.attrs.update(_json_round_trip({**attrs, **advisory, "advisory_keys": sorted(advisory)}))
         return cls(out, group)
 
-    def check_same_build(self, attrs: dict) -> None:
-        mine = {k: v for k, v in self.attrs.items()}
-        theirs = _json_round_trip(attrs)
+    def check_same_build(self, attrs: dict, ignore: Iterable[str] = ()) -> None:
+        skip = set(ignore) | set(self.attrs.get("advisory_keys", [])) | {"advisory_keys"}
+        mine = {k: v for k, v in self.attrs.items() if k not in skip}
+        theirs = {k: v for k, v in _json_round_trip(attrs).items() if k not in skip}
         diffs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diffs:
             detail = "; ".join(f"{k}: store has {_short(mine.get(k))}, requested {_short(theirs.get(k))}" for k in diffs)
@@ -176,6 +189,16 @@ class WeightStore:
         self.fs.mv(tmp, path)
         return marker
 
+    def clear_marker(self, shard: int) -> None:
+        """Forget shard `shard` (e.g. its marker no longer matches the chunk): it will be redone."""
+        path = self.marker_path(shard)
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    def chunk_path(self, shard: int) -> str:
+        """Where Zarr v3 keeps chunk (shard, 0) with the default chunk-key encoding."""
+        return join(self._root, WEIGHTS_DIR, WEIGHTS_ARRAY, "c", str(shard), "0")
+
     def read_shard(self, shard: int) -> np.ndarray:
         start, stop = self.shard_rows(shard)
         return np.asarray(self.array[start:stop])
@@ -208,6 +231,40 @@ class WeightStore:
         if verify:
             return {s for s, m in markers.items() if self.verify_shard(s, m)}
         return set(markers)
+
+    # ------------------------------------------------------------------ advisory progress files
+    def progress_path(self, name: str) -> str:
+        return join(self._root, PROGRESS_DIR, f"{name}.json")
+
+    def write_progress(self, name: str, record: dict) -> None:
+        """Advisory (never used for correctness): heartbeat / failure of a shard or the build run."""
+        path = self.progress_path(name)
+        self.fs.makedirs(join(self._root, PROGRESS_DIR), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.partial"
+        with self.fs.open(tmp, "w") as f:
+            f.write(json.dumps(record, sort_keys=True, default=str))
+        self.fs.mv(tmp, path)
+
+    def clear_progress(self, name: str) -> None:
+        path = self.progress_path(name)
+        try:
+            self.fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+    def read_progress(self) -> dict[str, dict]:
+        out = {}
+        for path in self.fs.glob(join(self._root, PROGRESS_DIR, "*.json")):
+            try:
+                with self.fs.open(path, "r") as f:
+                    out[path.rsplit("/", 1)[-1][:-5]] = json.load(f)
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue  # being replaced right now
+        return out
+
+    @property
+    def class_latents_path(self) -> str:
+        return join(self.out, CLASS_LATENTS)
 
     # ------------------------------------------------------------------ tables
     def manifest(self) -> pa.Table:

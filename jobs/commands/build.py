@@ -1,0 +1,36 @@
+"""`w2w build CONFIG [KEY=VALUE ...]`: train one LoRA per identity on Ray into <build.out>."""
+from __future__ import annotations
+
+from jobs.commands._common import add_config_arguments, config_from_args
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="trust existing shard markers without re-checking chunk checksums (faster at scale)")
+
+
+def run(args) -> int:
+    from pipeline.build.builder import run_build
+    from pipeline.build.store import StoreError
+    from jobs.cli import UserError
+
+    cfg = config_from_args(args)
+    try:
+        summary = run_build(cfg, progress_bar=not args.no_progress, verify=not args.no_verify)
+    except StoreError as err:
+        raise UserError(str(err)) from None
+    return report(summary)
+
+
+def report(summary) -> int:
+    done = summary.done_before + summary.done_now
+    print(f"{summary.out}: {done}/{summary.n_shards} shards done ({summary.done_now} this run, "
+          f"{summary.quarantined} identities quarantined) in {summary.seconds:.1f}s")
+    if summary.failed:
+        for s, why in sorted(summary.failed.items()):
+            print(f"  shard {s} failed: {why}")
+        print(f"{len(summary.failed)} shard(s) failed; fix the cause and run `w2w resume {summary.out}`")
+        return 1
+    return 0

@@ -1,0 +1,418 @@
+"""The distributed dataset builder: plan shards, run long-lived Ray actors, write the store.
+
+    plan_build(cfg)      -> Plan (sorted identity ids -> rows -> shards, manifest table)
+    run_build(cfg, ...)  -> BuildSummary  (used by `w2w build` and `w2w resume`)
+
+One actor per GPU (or CPU slot; `build.workers` overrides) loads the base model once and
+trains shard after shard through `pipeline.build.worker.train_shard`, writing the chunk and
+then the marker itself. The driver only dispatches shard ids to free actors. Ray retries
+crashed actors and their in-flight task (`max_restarts`, `max_task_retries`); when an actor
+is gone for good the driver re-queues its shard on the others (at most `max_task_retries`
+times). Shards that still fail are left without a marker: `w2w resume` redoes them.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.build.store import StoreError, WeightStore, join
+from pipeline.build.worker import TrainerContext, synthetic_layout, train_shard, virtual_ids
+
+# Config keys that change how a build runs, not what it produces: stored, never compared.
+EXECUTION_KEYS = (
+    "out",
+    "workers",
+    "gpus_per_worker",
+    "cpus_per_worker",
+    "ray_address",
+    "max_restarts",
+    "max_task_retries",
+    "synthetic_delay_s",
+)
+LOCAL_OBJECT_STORE_BYTES = 100 * 1024 * 1024  # the builder moves only markers through Ray
+
+
+@dataclass
+class Plan:
+    ids: list[str]
+    manifest: pa.Table
+    attribute_names: list[str]
+    rows_per_shard: int
+    source: str
+
+    @property
+    def n_shards(self) -> int:
+        return -(-len(self.ids) // self.rows_per_shard)
+
+    def shard_ids(self, shard: int) -> list[str]:
+        return self.ids[shard * self.rows_per_shard : (shard + 1) * self.rows_per_shard]
+
+    @property
+    def ids_sha256(self) -> str:
+        return hashlib.sha256("\n".join(self.ids).encode()).hexdigest()
+
+
+@dataclass
+class BuildSummary:
+    out: str
+    n_shards: int
+    done_before: int
+    done_now: int = 0
+    failed: dict[int, str] = field(default_factory=dict)
+    quarantined: int = 0
+    seconds: float = 0.0
+    workers: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# ---------------------------------------------------------------------------------- planning
+def plan_build(cfg) -> Plan:
+    """Row i = the i-th identity in sorted id order; shard s = rows [s*R, (s+1)*R)."""
+    R = cfg.build.rows_per_shard
+    if cfg.build.synthetic_identities:
+        if cfg.build.trainer != "synthetic":
+            raise StoreError("build.synthetic_identities needs build.trainer=synthetic (virtual identities have no images)")
+        ids = virtual_ids(cfg.build.synthetic_identities)
+        names = ["male", "young"]
+        digest = np.frombuffer(hashlib.sha256(b"virtual").digest(), dtype=np.uint8)
+        cols = {a: pa.array(((np.arange(len(ids)) * (k + 3) + digest[k]) % 2).astype(np.int8)) for k, a in enumerate(names)}
+        source = f"virtual:{len(ids)}"
+    else:
+        from pipeline.data.source import IdentitySource
+
+        src = IdentitySource(cfg.data.source)
+        ids = list(src.ids)
+        names = list(src.attribute_names)
+        table = src.table
+        if cfg.data.limit:
+            ids = ids[: cfg.data.limit]
+            table = table.slice(0, len(ids))
+        cols = {a: table.column(a).cast(pa.int8()) for a in names}
+        source = str(cfg.data.source)
+    if not ids:
+        raise StoreError(f"no identities to build from {cfg.data.source!r}")
+    n = len(ids)
+    rows = np.arange(n, dtype=np.int64)
+    manifest = pa.table(
+        {
+            "row": pa.array(rows),
+            "identity": pa.array(ids, pa.string()),
+            "source": pa.array([source] * n, pa.string()),
+            "shard": pa.array((rows // R).astype(np.int32)),
+            **cols,
+        }
+    )
+    return Plan(ids=ids, manifest=manifest, attribute_names=names, rows_per_shard=R, source=source)
+
+
+def build_key(cfg_dict: dict) -> dict:
+    """The part of the config that defines the result (execution knobs removed)."""
+    key = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg_dict.items()}
+    key["build"] = {k: v for k, v in key["build"].items() if k not in EXECUTION_KEYS}
+    return key
+
+
+def absolutize(cfg):
+    """Local relative paths -> absolute, so actors (other cwd, other process) see the same files."""
+    for section, name in (("build", "out"), ("data", "source")):
+        obj = getattr(cfg, section)
+        value = getattr(obj, name)
+        if value and "://" not in value and not value.startswith("builtin:"):
+            setattr(obj, name, os.path.abspath(os.path.expanduser(value)))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------- Ray
+def connect_ray(address: str = "") -> bool:
+    """Connect to (or start) Ray. Returns True when this call started it (and should stop it).
+
+    Token auth (Ray >= 2.5x): a new local cluster turns it on by itself; for an explicit
+    address Ray only sends the token when RAY_AUTH_MODE=token, so when a token is available
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and the mode is unset we set
+    it, exactly as Ray itself does for address="auto". See docs/RAY.md.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = dict(log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    if address or os.environ.get("RAY_ADDRESS"):
+        if os.environ.get("RAY_AUTH_MODE") is None and _token_available():
+            os.environ["RAY_AUTH_MODE"] = "token"
+        ray.init(address=address or None, **kwargs)
+    else:
+        ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kwargs)
+    return True
+
+
+def _token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return os.path.isfile(path)
+
+
+def count_workers(cfg) -> int:
+    import ray
+
+    if cfg.build.workers:
+        return cfg.build.workers
+    res = ray.cluster_resources()
+    gpus = float(res.get("GPU", 0))
+    if gpus > 0:
+        return max(1, int(gpus // (cfg.build.gpus_per_worker or 1)))
+    return max(1, int(float(res.get("CPU", 1)) // (cfg.build.cpus_per_worker or 1)))
+
+
+class ShardWorker:
+    """A long-lived actor: loads the trainer context (base model) once, then trains shards."""
+
+    def __init__(self, cfg_dict: dict, out: str, name: str):
+        from pipeline.config import from_dict
+
+        self.cfg = from_dict(cfg_dict)
+        self.out = out
+        self.name = f"{name}@{socket.gethostname()}:{os.getpid()}"
+        self.ctx = TrainerContext.create(self.cfg)
+        self._store = None
+
+    @property
+    def store(self) -> WeightStore:
+        if self._store is None:
+            self._store = WeightStore.open(self.out)
+        return self._store
+
+    def describe(self) -> dict:
+        return {"layout": self.ctx.layout.to_json(), "fingerprint": self.ctx.fingerprint, "worker": self.name}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def ensure_class_latents(self) -> bool:
+        self.ctx.ensure_class_latents(self.store.class_latents_path)
+        return self.ctx.class_latents is not None
+
+    def run_shard(self, shard: int, identity_ids: list[str], attempt: int = 0) -> dict:
+        from pipeline.build.store import ShardMarker
+
+        store = self.store
+        started = time.time()
+        record = {"state": "running", "shard": shard, "worker": self.name, "pid": os.getpid(),
+                  "started_at": started, "updated_at": started, "attempt": attempt}
+        store.write_progress(f"{shard:06d}", record)
+        last = [started]
+
+        def heartbeat(info: dict) -> None:
+            now = time.time()
+            if now - last[0] > 5:
+                last[0] = now
+                store.write_progress(f"{shard:06d}", {**record, "updated_at": now, **info})
+
+        try:
+            if self.ctx.needs_class_latents and self.ctx.class_latents is None:
+                self.ctx.ensure_class_latents(store.class_latents_path)
+            result = train_shard(self.ctx, identity_ids, progress=heartbeat)
+            marker = ShardMarker(
+                shard=shard, start=0, stop=0, checksum="", identities=list(identity_ids),
+                losses=result.losses, quarantined=result.quarantined,
+                seconds=round(time.time() - started, 4), worker=self.name,
+            )
+            store.write_shard(shard, result.block, marker)
+        except Exception as err:
+            store.write_progress(f"{shard:06d}", {**record, "state": "failed", "updated_at": time.time(),
+                                                  "error": f"{type(err).__name__}: {err}"})
+            raise
+        store.clear_progress(f"{shard:06d}")
+        return {"shard": shard, "seconds": marker.seconds, "quarantined": len(marker.quarantined)}
+
+
+# ---------------------------------------------------------------------------------- driver
+def prepare_store(cfg, plan: Plan, describe: dict) -> WeightStore:
+    from pipeline.config import to_dict
+    from w2w_core.layout import LoraLayout
+
+    cfg_dict = to_dict(cfg)
+    metadata = {
+        "build_key": build_key(cfg_dict),
+        "base_fingerprint": describe["fingerprint"],
+        "identities_sha256": plan.ids_sha256,
+        "rows_per_shard": plan.rows_per_shard,
+    }
+    return WeightStore.create(
+        cfg.build.out,
+        LoraLayout.from_json(describe["layout"]),
+        plan.manifest,
+        plan.rows_per_shard,
+        plan.attribute_names,
+        metadata,
+        advisory={"config": cfg_dict},
+    )
+
+
+def shards_to_do(store: WeightStore, verify: bool = True, threads: int = 4) -> list[int]:
+    """Shards without a valid marker; markers that do not match their chunk are removed."""
+    markers = store.markers()
+    if verify and markers:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            ok = dict(zip(markers, pool.map(lambda s: store.verify_shard(s, markers[s]), markers)))
+        for s, good in ok.items():
+            if not good:
+                store.clear_marker(s)
+        done = {s for s, good in ok.items() if good}
+    else:
+        done = set(markers)
+    return [s for s in range(store.n_shards) if s not in done]
+
+
+def run_build(cfg, progress_bar: bool = True, verify: bool = True, log=print) -> BuildSummary:
+    """Plan, connect to Ray, start the actors, dispatch every unfinished shard, wait."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    from pipeline.config import to_dict
+
+    t0 = time.time()
+    cfg = absolutize(cfg)
+    out = cfg.build.out
+    plan = plan_build(cfg)
+    existing = WeightStore.exists(out)
+    if existing:
+        store = WeightStore.open(out)
+        # Refuse a different build before starting anything (cheap: no Ray, no model).
+        store.check_same_build(
+            {**store.attrs, "build_key": build_key(to_dict(cfg)), "identities_sha256": plan.ids_sha256},
+            ignore=("config",),
+        )
+        todo = shards_to_do(store, verify=verify)
+        if not todo:
+            log(f"build at {out} is already complete: {store.n_shards}/{store.n_shards} shards; nothing to do")
+            return BuildSummary(out=out, n_shards=store.n_shards, done_before=store.n_shards, seconds=time.time() - t0)
+    started_ray = connect_ray(cfg.build.ray_address)
+    actors = []
+    try:
+        n_workers = count_workers(cfg)
+        if existing:
+            n_workers = min(n_workers, len(todo))
+        cfg_dict = to_dict(cfg)
+        remote = ray.remote(ShardWorker).options(
+            num_cpus=cfg.build.cpus_per_worker,
+            num_gpus=cfg.build.gpus_per_worker,
+            max_restarts=cfg.build.max_restarts,
+            max_task_retries=cfg.build.max_task_retries,
+        )
+        actors = [remote.remote(cfg_dict, out, f"w{k}") for k in range(n_workers)]
+        describe = ray.get(actors[0].describe.remote())
+        store = prepare_store(cfg, plan, describe)
+        todo = shards_to_do(store, verify=verify)
+        done_before = store.n_shards - len(todo)
+        if ray.get(actors[0].ensure_class_latents.remote()):
+            log(f"class latents: {store.class_latents_path}")
+        store.write_progress("build", {"state": "running", "started_at": t0, "pid": os.getpid(),
+                                       "host": socket.gethostname(), "workers": n_workers,
+                                       "todo_at_start": len(todo), "n_shards": store.n_shards})
+        summary = BuildSummary(out=out, n_shards=store.n_shards, done_before=done_before, workers=n_workers)
+        log(f"building {out}: {len(plan.ids)} identities, {store.n_shards} shards "
+            f"({done_before} done, {len(todo)} to do) on {n_workers} workers, trainer={cfg.build.trainer}")
+        bar = _bar(store.n_shards, done_before, progress_bar)
+        pending = deque(todo)
+        attempts: dict[int, int] = {}
+        free = list(range(n_workers))
+        alive = set(free)
+        inflight: dict = {}
+        while pending or inflight:
+            while free and pending:
+                a, s = free.pop(0), pending.popleft()
+                ref = actors[a].run_shard.remote(s, plan.shard_ids(s), attempts.get(s, 0))
+                inflight[ref] = (a, s)
+            if not inflight:
+                break  # no live actors left
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                a, s = inflight.pop(ref)
+                try:
+                    info = ray.get(ref)
+                    summary.done_now += 1
+                    summary.quarantined += info["quarantined"]
+                    bar.update(1)
+                    free.append(a)
+                    continue
+                except RayActorError as err:  # actor gone beyond its restarts: never reuse it
+                    alive.discard(a)
+                    reason = f"worker {a} died: {str(err).splitlines()[0][:200]}"
+                except RayTaskError as err:  # the task raised: the actor is fine
+                    free.append(a)
+                    reason = str(err.cause if hasattr(err, "cause") else err).splitlines()[0][:300]
+                attempts[s] = attempts.get(s, 0) + 1
+                if attempts[s] <= cfg.build.max_task_retries and alive:
+                    pending.append(s)
+                else:
+                    summary.failed[s] = reason
+                    try:
+                        store.write_progress(f"{s:06d}", {"state": "failed", "shard": s, "error": reason,
+                                                          "updated_at": time.time(), "attempt": attempts[s]})
+                    except Exception:  # noqa: BLE001 - advisory only
+                        pass
+            if not alive:
+                for s in pending:
+                    summary.failed[s] = "no live workers left"
+                pending.clear()
+        bar.close()
+        summary.seconds = time.time() - t0
+        store.write_progress("build", {"state": "failed" if summary.failed else "finished", "started_at": t0,
+                                       "finished_at": time.time(), "pid": os.getpid(), "workers": n_workers,
+                                       "todo_at_start": len(todo), "n_shards": store.n_shards,
+                                       "failed": sorted(summary.failed)})
+        return summary
+    finally:
+        for actor in actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001
+                pass
+        if started_ray:
+            ray.shutdown()
+
+
+def _bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="shard", desc="build", disable=not enabled, dynamic_ncols=True)
+
+
+def resume_config(out: str, overrides=()):
+    """The config a store was built with (its attributes) + execution-only overrides."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import ConfigError, from_dict, validate
+
+    store = WeightStore.open(out)
+    cfg = from_dict(store.attrs["config"])
+    if overrides:
+        for item in overrides:
+            key = item.split("=", 1)[0]
+            if not key.startswith("build.") or key.split(".", 1)[1] not in EXECUTION_KEYS:
+                raise ConfigError(
+                    f"`w2w resume` accepts only execution overrides (build.{{{','.join(EXECUTION_KEYS)}}}), got {item!r}; "
+                    "a different configuration is a different build: use `w2w build` with a new build.out"
+                )
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
+        cfg = from_dict(OmegaConf.to_container(merged))
+    validate(cfg)
+    cfg.build.out = out if "://" in out else os.path.abspath(out)
+    return cfg
+
+
+__all__ = ["plan_build", "run_build", "resume_config", "shards_to_do", "connect_ray", "BuildSummary", "join",
+           "synthetic_layout"]

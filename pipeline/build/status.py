@@ -1,0 +1,92 @@
+"""`w2w status`: what a build's store says about it (markers = truth, progress files = advisory)."""
+from __future__ import annotations
+
+import time
+
+from pipeline.build.store import WeightStore
+
+STALE_AFTER_S = 600.0  # a "running" heartbeat older than this is reported as stale
+
+
+def build_status(out: str, now: float | None = None) -> dict:
+    now = time.time() if now is None else now
+    store = WeightStore.open(out, mode="r")
+    markers = store.markers()
+    progress = store.read_progress()
+    run = progress.pop("build", None)
+    running, failed, stale = [], {}, []
+    for name, rec in progress.items():
+        try:
+            s = int(name)
+        except ValueError:
+            continue
+        if s in markers:
+            continue
+        if rec.get("state") == "running":
+            (stale if now - float(rec.get("updated_at", 0)) > STALE_AFTER_S else running).append(s)
+        elif rec.get("state") == "failed":
+            failed[s] = rec.get("error", "")
+    if run and run.get("state") in ("finished", "failed"):
+        # the run is over: whatever still says "running" was interrupted
+        stale += running
+        running = []
+    n = store.n_shards
+    done_rows = sum(m.stop - m.start for m in markers.values())
+    quarantined = {i: r for m in markers.values() for i, r in m.quarantined.items()}
+    pending = n - len(markers) - len(running) - len(failed) - len(stale)
+    # throughput: shards finished since the current run started (else over all markers)
+    t_start = float(run["started_at"]) if run else None
+    recent = [m for m in markers.values() if t_start is None or m.finished_at >= t_start]
+    rate = None
+    if recent:
+        first = t_start if t_start is not None else min(m.finished_at - m.seconds for m in recent)
+        last = now if run and run.get("state") == "running" else max(m.finished_at for m in recent)
+        elapsed = max(last - first, 1e-6)
+        rate = sum(m.stop - m.start for m in recent) / elapsed * 3600.0
+    remaining_rows = store.n_rows - done_rows
+    eta = remaining_rows / rate * 3600.0 if rate and remaining_rows else (0.0 if not remaining_rows else None)
+    return {
+        "out": store.out,
+        "state": "complete" if len(markers) == n else (run or {}).get("state", "not started"),
+        "shards": {"total": n, "done": len(markers), "running": len(running), "failed": len(failed),
+                   "stale": len(stale), "pending": max(pending, 0)},
+        "identities": {"total": store.n_rows, "done": done_rows, "quarantined": len(quarantined),
+                       "valid": done_rows - len(quarantined)},
+        "running_shards": sorted(running),
+        "failed_shards": {str(k): v for k, v in sorted(failed.items())},
+        "stale_shards": sorted(stale),
+        "quarantined": quarantined,
+        "throughput_identities_per_hour": rate,
+        "eta_seconds": eta,
+        "run": run,
+        "trainer": store.attrs.get("config", {}).get("build", {}).get("trainer"),
+    }
+
+
+def format_status(st: dict) -> str:
+    sh, ids = st["shards"], st["identities"]
+    lines = [
+        f"build {st['out']}  [{st['state']}]  trainer={st['trainer']}",
+        f"  shards      {sh['done']}/{sh['total']} done, {sh['running']} running, {sh['failed']} failed, "
+        f"{sh['stale']} interrupted, {sh['pending']} pending",
+        f"  identities  {ids['done']}/{ids['total']} done, {ids['quarantined']} quarantined, {ids['valid']} valid",
+    ]
+    rate = st["throughput_identities_per_hour"]
+    lines.append("  throughput  " + (f"{rate:,.0f} identities/hour" if rate else "n/a"))
+    eta = st["eta_seconds"]
+    if st["state"] != "complete":
+        lines.append("  eta         " + (_dur(eta) if eta is not None else "n/a") + ("" if st["state"] == "running" else " (not running: `w2w resume OUT`)"))
+    for s, err in list(st["failed_shards"].items())[:10]:
+        lines.append(f"  failed shard {s}: {err}")
+    for ident, reason in list(st["quarantined"].items())[:10]:
+        lines.append(f"  quarantined {ident}: {reason[:160]}")
+    if len(st["quarantined"]) > 10:
+        lines.append(f"  ... {len(st['quarantined']) - 10} more quarantined (see --json)")
+    return "\n".join(lines)
+
+
+def _dur(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
