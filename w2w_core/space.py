@@ -1,0 +1,243 @@
+"""WeightSpace: the linear subspace of identity LoRAs, as a researcher uses it.
+
+    space = WeightSpace.load("runs/tiny")          # reads runs/tiny/subspace/* + manifest.parquet
+    w = space.sample(4, seed=0)                    # (4, D) new identities
+    w2 = space.edit(w[0], {"beard": 1.0})          # +1 calibrated sigma of "beard"
+    pipe = space.pipeline(w2)                      # diffusers pipeline with that LoRA loaded
+
+Depends on torch, safetensors, pyarrow (manifest) and w2w_core only: no Dask, no Ray.
+Vectors are torch tensors (numpy arrays are accepted) in the store's LoRA layout order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from w2w_core.layout import LoraLayout
+
+SUBSPACE_DIR = "subspace"
+PCA_FILE = "pca.safetensors"
+PCA_META = "pca.json"
+DIRECTIONS_FILE = "directions.safetensors"
+DIRECTIONS_META = "directions.json"
+MANIFEST = "manifest.parquet"
+
+
+class WeightSpace:
+    """mean (D), std (D), components (K x D, orthonormal rows), training coefficients (N x K)."""
+
+    def __init__(
+        self,
+        layout: LoraLayout,
+        mean,
+        std,
+        components,
+        coefficients,
+        identities: list[str] | None = None,
+        singular_values=None,
+        explained_variance_ratio=None,
+        directions: Mapping[str, torch.Tensor] | None = None,
+        strengths: Mapping[str, float] | None = None,
+        labels: Mapping[str, torch.Tensor] | None = None,
+        config: dict | None = None,
+        meta: dict | None = None,
+    ):
+        f = lambda a: torch.as_tensor(a).to(torch.float32)  # noqa: E731
+        self.layout = layout
+        self.mean = f(mean).reshape(-1)
+        self.std = f(std).reshape(-1)
+        self.components = f(components)
+        self.coefficients = f(coefficients)
+        k, d = self.components.shape
+        if d != layout.numel or self.mean.numel() != d or self.std.numel() != d:
+            raise ValueError(
+                f"subspace shapes do not fit the layout: components {tuple(self.components.shape)}, "
+                f"mean {tuple(self.mean.shape)}, std {tuple(self.std.shape)}, layout numel {layout.numel}"
+            )
+        if self.coefficients.ndim != 2 or self.coefficients.shape[1] != k:
+            raise ValueError(f"coefficients {tuple(self.coefficients.shape)} do not match K={k}")
+        n = self.coefficients.shape[0]
+        self.identities = list(identities) if identities is not None else [str(i) for i in range(n)]
+        self.singular_values = None if singular_values is None else f(singular_values)
+        self.explained_variance_ratio = None if explained_variance_ratio is None else f(explained_variance_ratio)
+        self.directions = {k_: f(v) for k_, v in (directions or {}).items()}
+        self.strengths = {k_: float(v) for k_, v in (strengths or {}).items()}
+        self.labels = dict(labels or {})
+        self.config = config or {}
+        self.meta = meta or {}
+        self.coef_mean = self.coefficients.mean(dim=0)
+        self.coef_std = self.coefficients.std(dim=0) if n > 1 else torch.ones(k)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, out: str | os.PathLike) -> "WeightSpace":
+        """Read `<out>/subspace/` (written by `w2w pca` / `w2w directions`) and `<out>/manifest.parquet`."""
+        from safetensors.torch import load_file
+
+        out = Path(out)
+        sub = out / SUBSPACE_DIR
+        if not (sub / PCA_META).is_file() or not (sub / PCA_FILE).is_file():
+            raise FileNotFoundError(f"no subspace at {sub} (expected {PCA_FILE} and {PCA_META}); run `w2w pca {out}` first")
+        meta = json.loads((sub / PCA_META).read_text())
+        t = load_file(str(sub / PCA_FILE))
+        layout = LoraLayout.from_json(meta["layout"])
+        rows = t["rows"].tolist()
+        identities, labels = None, {}
+        manifest = out / MANIFEST
+        if manifest.is_file():
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(str(manifest))
+            by_row = {int(r): i for i, r in enumerate(table.column("row").to_pylist())}
+            idx = [by_row[r] for r in rows]
+            ids = table.column("identity").to_pylist()
+            identities = [ids[i] for i in idx]
+            for name in meta.get("attributes") or []:
+                if name in table.column_names:
+                    col = table.column(name).to_pylist()
+                    labels[name] = torch.tensor([col[i] for i in idx], dtype=torch.float32)
+        directions, strengths = {}, {}
+        if (sub / DIRECTIONS_FILE).is_file():
+            d = load_file(str(sub / DIRECTIONS_FILE))
+            for key, value in d.items():
+                kind, name = key.split(".", 1)
+                if kind == "direction":
+                    directions[name] = value
+                elif kind == "strength":
+                    strengths[name] = float(value)
+        return cls(
+            layout,
+            t["mean"],
+            t["std"],
+            t["components"],
+            t["coefficients"],
+            identities=identities,
+            singular_values=t.get("singular_values"),
+            explained_variance_ratio=t.get("explained_variance_ratio"),
+            directions=directions,
+            strengths=strengths,
+            labels=labels,
+            config=meta.get("config") or {},
+            meta=meta,
+        )
+
+    @classmethod
+    def from_release(cls, directory, layout: LoraLayout, **kwargs) -> "WeightSpace":
+        """Build a space from the published release files (see w2w_core.release)."""
+        from w2w_core.release import load_release
+
+        return load_release(directory, layout, **kwargs)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def k(self) -> int:
+        return int(self.components.shape[0])
+
+    @property
+    def numel(self) -> int:
+        return int(self.components.shape[1])
+
+    @property
+    def attribute_names(self) -> list[str]:
+        return list(self.directions) if self.directions else list(self.labels)
+
+    def _vec(self, vec) -> torch.Tensor:
+        v = torch.as_tensor(vec).to(torch.float32)
+        if v.shape[-1] != self.numel:
+            raise ValueError(f"vector of shape {tuple(v.shape)} does not fit this space: expected (..., {self.numel})")
+        return v
+
+    def project(self, vec) -> torch.Tensor:
+        """(..., D) weights -> (..., K) coefficients: ((w - mean) / std) @ components^T."""
+        return ((self._vec(vec) - self.mean) / self.std) @ self.components.T
+
+    def reconstruct(self, coeffs) -> torch.Tensor:
+        """(..., k<=K) coefficients -> (..., D) weights: mean + std * (coeffs @ components[:k])."""
+        c = torch.as_tensor(coeffs).to(torch.float32)
+        k = c.shape[-1]
+        if k > self.k:
+            raise ValueError(f"{k} coefficients given but the space has K={self.k} components")
+        return self.mean + self.std * (c @ self.components[:k])
+
+    def sample(self, n: int, seed: int | None = 0, k: int | None = None) -> torch.Tensor:
+        """(n, D) new models: each PC coefficient ~ Normal(mean, std of the training coefficients)."""
+        k = self.k if k is None else int(k)
+        g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        z = torch.randn(int(n), k, generator=g)
+        return self.reconstruct(self.coef_mean[:k] + self.coef_std[:k] * z)
+
+    def direction_vector(self, name: str) -> torch.Tensor:
+        """Weight-space delta of +1 calibrated sigma along attribute `name` (D,)."""
+        self._check_attribute(name)
+        return self.std * ((self.strengths.get(name, 1.0) * self.directions[name]) @ self.components)
+
+    def edit(self, vec, edits: Mapping[str, float]) -> torch.Tensor:
+        """w + sum_a alpha_a * sigma_a * direction_a (in weight space; the off-subspace residual is kept).
+
+        `edits` maps attribute -> strength in units of the calibrated sigma; edits compose by addition.
+        The projection of the result moves by exactly sum alpha_a sigma_a d_a.
+        """
+        v = self._vec(vec)
+        delta = torch.zeros(self.k)
+        for name, alpha in edits.items():
+            self._check_attribute(name)
+            delta = delta + float(alpha) * self.strengths.get(name, 1.0) * self.directions[name]
+        return v + self.std * (delta @ self.components)
+
+    def attribute_score(self, vec, name: str) -> torch.Tensor:
+        """Projection of a model onto the unit direction of `name` (in PC units)."""
+        self._check_attribute(name)
+        return self.project(vec) @ self.directions[name]
+
+    def nearest(self, vec, k: int = 5) -> list[tuple[str, float]]:
+        """The k training identities closest to `vec` in PC space (Euclidean), with distances."""
+        c = self.project(vec).reshape(-1)
+        d = torch.linalg.vector_norm(self.coefficients - c, dim=1)
+        k = min(int(k), d.numel())
+        vals, idx = torch.topk(d, k, largest=False)
+        return [(self.identities[int(i)], float(v)) for v, i in zip(vals, idx)]
+
+    def _check_attribute(self, name: str) -> None:
+        if name not in self.directions:
+            valid = ", ".join(sorted(self.directions)) or "(none: run `w2w directions OUT` first)"
+            raise ValueError(f"unknown attribute {name!r}; valid attributes: {valid}")
+
+    # ------------------------------------------------------------------ LoRA export
+    def to_lora(self, vec) -> dict[str, torch.Tensor]:
+        """(D,) weights -> peft state dict (keys of the layout)."""
+        return self.layout.unflatten(self._vec(vec).reshape(-1))
+
+    def save_lora(self, vec, directory) -> Path:
+        """Write `pytorch_lora_weights.safetensors` that diffusers' `load_lora_weights(directory)` loads."""
+        return self.layout.save_diffusers(self._vec(vec).reshape(-1), directory)
+
+    def model_config(self):
+        """The base model config the store was built with (its `config.model` section)."""
+        from w2w_core.config import ModelConfig
+
+        model = dict((self.config or {}).get("model") or {})
+        known = set(ModelConfig.__dataclass_fields__)
+        return ModelConfig(**{k: v for k, v in model.items() if k in known})
+
+    def pipeline(self, vec, model_cfg=None, base=None, adapter_name: str = "w2w"):
+        """A ready StableDiffusionPipeline (base from `model_cfg`, default: the store's) with this LoRA loaded."""
+        from w2w_core.model import load_base_model
+
+        if base is None:
+            base = load_base_model(model_cfg if model_cfg is not None else self.model_config())
+        pipe = base.pipeline()
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_lora(vec, tmp)
+            pipe.load_lora_weights(tmp, adapter_name=adapter_name)
+        return pipe
+
+    def __repr__(self) -> str:
+        return (
+            f"WeightSpace(K={self.k}, D={self.numel}, models={self.coefficients.shape[0]}, "
+            f"attributes={self.attribute_names})"
+        )
