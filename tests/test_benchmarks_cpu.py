@@ -1,0 +1,48 @@
+"""The throughput benchmarks run end to end on CPU at reduced size (ready for a GPU session)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+SMALL_SD15 = ["--device", "cpu", "--sd15", "--latent-size", "8", "--sd15-channels", "32,64,64,64",
+              "--steps", "1", "--warmup-steps", "0", "--ref-identities", "1", "--images-per-identity", "2",
+              "--class-images", "2"]
+
+
+def _check(result, expected_configs):
+    rows = {r["config"]: r for r in result["rows"]}
+    assert set(expected_configs) <= set(rows), rows.keys()
+    for name in expected_configs:
+        r = rows[name]
+        assert "error" not in r, r
+        assert r["step_s"] > 0 and r["samples_per_s"] > 0 and r["identities_per_hour"] > 0
+    assert result["machine"]["flop_per_sample"] > 0
+
+
+def test_train_throughput_sd15_cpu(tmp_path):
+    import train_throughput
+
+    out = tmp_path / "bench.json"
+    result = train_throughput.main(SMALL_SD15 + ["--ks", "1,2", "--json", str(out)])
+    _check(result, ["reference peft (batch 1)", "batched K=1", "batched K=2"])
+    saved = json.loads(out.read_text())
+    assert saved["machine"]["model"].startswith("sd15") and len(saved["rows"]) == 3
+    assert "| batched K=2 |" in train_throughput.markdown(result)
+
+
+@pytest.mark.parametrize("toggles", ["bf16_base,fused_adam,sync_every_10"])
+def test_gpu_build_cpu(toggles):
+    import gpu_build
+
+    result = gpu_build.main(SMALL_SD15 + ["--ks", "2", "--ref-batch-sizes", "1,2", "--toggle-k", "2",
+                                          "--toggles", toggles, "--no-flops"] + ["--steps", "1"])
+    rows = {r["config"]: r for r in result["rows"]}
+    for name in ["reference peft (batch 1)", "reference peft (batch 2)", "batched K=2"] + [
+        f"batched K=2 +{t}" for t in toggles.split(",")
+    ]:
+        assert name in rows and "error" not in rows[name], rows.get(name)
