@@ -4,5 +4,6 @@ Depends only on torch, diffusers, peft and safetensors: never on ray, dask or `p
 """
 from w2w_core.config import LoraConfig, ModelConfig
 from w2w_core.layout import LoraLayout
+from w2w_core.space import WeightSpace
 
-__all__ = ["LoraConfig", "LoraLayout", "ModelConfig"]
+__all__ = ["LoraConfig", "LoraLayout", "ModelConfig", "WeightSpace"]
