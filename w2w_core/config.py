@@ -21,6 +21,15 @@ class ModelConfig:
     device: str = "auto"
     # SD1.5 diffusers class name when loading a single-file checkpoint.
     single_file_pipeline: str = "StableDiffusionPipeline"
+    # Single-file checkpoints only: a local diffusers-format config folder (model_index.json,
+    # unet/config.json, vae/config.json, text_encoder/config.json, tokenizer/, scheduler/;
+    # weights not needed), e.g. the one shipped with the checkpoint or written by
+    # save_pretrained. Passed to diffusers' from_single_file as `config=`. "" = use the
+    # checkpoint's own folder when it holds a model_index.json, else fail naming this key.
+    config_dir: str = ""
+    # Single-file checkpoints only, optional: the original LDM yaml (e.g. v1-inference.yaml),
+    # passed as `original_config=`; it then sets the UNet/VAE configs, config_dir the rest.
+    original_config: str = ""
 
 
 @dataclass

@@ -164,10 +164,7 @@ def load_base_model(cfg: ModelConfig, device: str | torch.device | None = None) 
     path = resolve_model_path(cfg.path)
     dtype = DTYPES[cfg.dtype]
     if path.is_file():
-        import diffusers
-
-        cls = getattr(diffusers, cfg.single_file_pipeline)
-        pipe = cls.from_single_file(str(path), dtype=dtype, local_files_only=True)
+        pipe = load_single_file_pipeline(path, cfg, dtype)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(path), dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
@@ -182,6 +179,65 @@ def load_base_model(cfg: ModelConfig, device: str | torch.device | None = None) 
         resolution=cfg.resolution,
         fingerprint=fingerprint_path(path),
     )
+
+
+SINGLE_FILE_CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json")
+
+
+def single_file_config_dir(path: Path, cfg: ModelConfig) -> Path:
+    """The diffusers config folder that an offline `from_single_file` needs, or a clear error."""
+    how = (
+        "set model.config_dir to a local diffusers-format folder of the same architecture "
+        "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ with their configs; "
+        "weights are not needed), e.g. the folder shipped with the checkpoint or one written by "
+        "StableDiffusionPipeline.save_pretrained; nothing is downloaded"
+    )
+    if cfg.config_dir:
+        config_dir = Path(cfg.config_dir).expanduser()
+        if not config_dir.is_dir():
+            raise FileNotFoundError(f"model.config_dir={cfg.config_dir!r} is not a directory: {how}")
+    elif (path.parent / "model_index.json").is_file():
+        config_dir = path.parent
+    else:
+        raise FileNotFoundError(
+            f"model.path={str(path)!r} is a single-file checkpoint and loading it offline needs the "
+            f"pipeline's config files: {how}"
+        )
+    missing = [name for name in SINGLE_FILE_CONFIG_FILES if not (config_dir / name).is_file()]
+    missing += [name + "/" for name in ("tokenizer", "scheduler") if not (config_dir / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"model.config_dir {str(config_dir)!r} lacks {', '.join(missing)}: {how}")
+    return config_dir
+
+
+def load_single_file_pipeline(path: Path, cfg: ModelConfig, dtype: torch.dtype):
+    """A single .safetensors checkpoint (original LDM/A1111 layout) -> diffusers pipeline, offline.
+
+    diffusers 0.42 `from_single_file` converts the checkpoint's UNet, VAE and CLIP text encoder
+    weights and takes every config (model_index, unet/vae/text_encoder configs, tokenizer,
+    scheduler) from `config=` (a local diffusers folder); `original_config=` (an LDM yaml) is
+    optional and then overrides the UNet/VAE configs.
+    """
+    import diffusers
+
+    cls = getattr(diffusers, cfg.single_file_pipeline)
+    kwargs = dict(
+        config=str(single_file_config_dir(path, cfg)),
+        dtype=dtype,
+        local_files_only=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if cfg.original_config:
+        original = Path(cfg.original_config).expanduser()
+        if not original.is_file():
+            raise FileNotFoundError(
+                f"model.original_config={cfg.original_config!r} does not exist: give a local LDM yaml "
+                "(e.g. v1-inference.yaml) or leave it empty to use model.config_dir alone"
+            )
+        kwargs["original_config"] = str(original)
+    return cls.from_single_file(str(path), **kwargs)
 
 
 def from_components(
