@@ -1,0 +1,242 @@
+"""Pretrain the tiny world's base diffusion model on SynthFaces (CPU, reproducible).
+
+    python -m jobs.pretrain_tiny --out w2w_core/assets/tiny --seed 0
+
+Stages, all with the SD1.5 code paths (diffusers AutoencoderKL / UNet2DConditionModel /
+DDPMScheduler, transformers CLIPTextModel):
+  1. VAE: L1 reconstruction + small KL on random crops, then full 64x64 images.
+  2. Latent scaling factor set so that the training latents have unit std (SD's 0.18215 idea).
+  3. UNet + text encoder jointly: epsilon-MSE with the DDPMScheduler from the components,
+     on cached VAE latents, captions built from the identity attributes
+     ("a photo of a person, male beard eyeglasses", plain "a photo of a person", or "" for CFG).
+Identities: SynthFaces seed 1000 (SEED_PRETRAIN), disjoint from the LoRA/demo identities (seed 0)
+and the evaluator identities (seeds 2000/3000). See docs/TINY_WORLD.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+# words used for each attribute value (every word is in TINY_VOCAB_WORDS)
+ATTR_WORDS = {
+    "male": ("male", "female"),
+    "young": ("young", "old"),
+    "beard": ("beard", None),
+    "eyeglasses": ("eyeglasses", None),
+    "bangs": ("bangs", None),
+    "smiling": ("smiling", None),
+    "pale_skin": ("pale_skin", None),
+}
+CLASS_PROMPT = "a photo of a person"
+
+
+def caption(attrs: dict[str, int], rng: random.Random, p_plain: float = 0.15, p_empty: float = 0.1) -> str:
+    """Caption for one training image: attribute words (each kept with prob 0.85, shuffled)."""
+    r = rng.random()
+    if r < p_empty:
+        return ""
+    if r < p_empty + p_plain:
+        return CLASS_PROMPT
+    words = []
+    for name, (pos, neg) in ATTR_WORDS.items():
+        word = pos if attrs.get(name, 0) else neg
+        if word is not None and rng.random() < 0.85:
+            words.append(word)
+    rng.shuffle(words)
+    return CLASS_PROMPT + (", " + ", ".join(words) if words and len(words) <= 4 else (", " + " ".join(words) if words else ""))
+
+
+def make_dataset(n_identities: int, images_per_identity: int, seed: int):
+    import numpy as np
+
+    from pipeline.data.synthfaces import render, sample_identity, to_tensor
+
+    images, attrs = [], []
+    for i in range(n_identities):
+        ident = sample_identity(seed, i)
+        for k in range(images_per_identity):
+            images.append(render(ident, k))
+            attrs.append(ident.attributes)
+    return to_tensor(np.stack(images)), attrs
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _progress(step: int, steps: int, t0: float, minutes: float) -> float:
+    """Fraction of a stage done: by steps, or by wall-clock when the time budget runs out first.
+
+    On a fast or idle machine the step count decides (bit-reproducible); on a slow/shared one the
+    time budget ends the stage with the learning-rate schedule still fully annealed.
+    """
+    by_steps = step / max(1, steps)
+    by_time = (time.time() - t0) / (60 * minutes) if minutes > 0 else 0.0
+    return max(by_steps, by_time)
+
+
+def lr_at(progress: float, base: float, warmup: float = 0.04) -> float:
+    if progress < warmup:
+        return base * (0.05 + 0.95 * progress / warmup)
+    t = (progress - warmup) / (1 - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def train_vae(vae, images, args, gen):
+    import torch
+
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    vae.train()
+    n = images.shape[0]
+    t0 = time.time()
+    step = 0
+    while True:
+        progress = _progress(step, args.vae_steps, t0, args.vae_minutes)
+        if progress >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(progress, args.vae_lr)
+        idx = torch.randint(0, n, (args.vae_batch,), generator=gen)
+        x = images[idx]
+        full = progress >= 1.0 - args.vae_full_fraction
+        if not full:  # random crops: the VAE is convolutional, crops are 4x cheaper
+            c = args.vae_crop
+            oy, ox = torch.randint(0, 64 - c + 1, (2,), generator=gen).tolist()
+            x = x[:, :, oy : oy + c, ox : ox + c]
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=gen)
+        rec = vae.decode(z).sample
+        rec_loss = (rec - x).abs().mean()
+        kl = post.kl().mean() / (z[0].numel())
+        loss = rec_loss + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0:
+            log(f"vae step {step} ({progress:.0%}) {'full' if full else 'crop'} l1 {rec_loss.item():.4f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)")
+        step += 1
+    args.vae_steps_done = step
+    vae.eval()
+    return time.time() - t0
+
+
+def train_unet(unet, text_encoder, tokenizer, scheduler, latents, attrs, args, gen):
+    import torch
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-4)
+    unet.train()
+    text_encoder.train()
+    rng = random.Random(args.seed)
+    n = latents.shape[0]
+    alphas = scheduler.alphas_cumprod
+    t0 = time.time()
+    ema = None
+    step = 0
+    while True:
+        progress = _progress(step, args.unet_steps, t0, args.unet_minutes)
+        if progress >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(progress, args.unet_lr)
+        idx = torch.randint(0, n, (args.unet_batch,), generator=gen)
+        z0 = latents[idx]
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=gen)
+        zt = scheduler.add_noise(z0, noise, t)
+        caps = [caption(attrs[i], rng) for i in idx.tolist()]
+        ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        cond = text_encoder(ids)[0]
+        pred = unet(zt, t, cond).sample
+        loss = (pred - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % 25 == 0:
+            log(f"unet step {step} ({progress:.0%}) loss {ema:.4f} ({time.time() - t0:.0f}s)")
+        step += 1
+    args.unet_steps_done = step
+    del alphas
+    unet.eval()
+    text_encoder.eval()
+    return time.time() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="w2w_core/assets/tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--identities", type=int, default=800, help="pretraining identities (SynthFaces seed 1000)")
+    p.add_argument("--images", type=int, default=6, help="images per pretraining identity")
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-minutes", type=float, default=6.0, help="VAE stage time budget (0 = steps only)")
+    p.add_argument("--vae-full-fraction", type=float, default=0.15, help="last fraction of the VAE stage on full 64x64 images")
+    p.add_argument("--vae-crop", type=int, default=32)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-4, help="KL weight (per latent element)")
+    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--unet-minutes", type=float, default=16.0, help="UNet stage time budget (0 = steps only)")
+    p.add_argument("--unet-batch", type=int, default=32)
+    p.add_argument("--unet-lr", type=float, default=1.5e-3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    args._t_start = time.time()
+
+    import torch
+
+    from pipeline.data.synthfaces import SEED_PRETRAIN
+    from w2w_core.model import save_components, tiny_components
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    log(f"pretrain_tiny: {' '.join(sys.argv[1:]) or '(defaults)'}")
+    comps = tiny_components(args.seed)
+    images, attrs = make_dataset(args.identities, args.images, SEED_PRETRAIN)
+    log(f"data: {images.shape[0]} SynthFaces images of {args.identities} identities (seed {SEED_PRETRAIN})")
+
+    vae_s = train_vae(comps["vae"], images, args, gen)
+    with torch.no_grad():
+        lat = torch.cat([comps["vae"].encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+        rec = comps["vae"].decode(lat[:256]).sample
+        vae_l1 = (rec - images[:256]).abs().mean().item()
+    scaling = float(1.0 / lat.std())
+    comps["vae"].register_to_config(scaling_factor=scaling)
+    latents = lat * scaling
+    log(f"vae done in {vae_s:.0f}s; full-image L1 {vae_l1:.4f}; latent scaling_factor {scaling:.4f}")
+
+    unet_s = train_unet(comps["unet"], comps["text_encoder"], comps["tokenizer"], comps["scheduler"], latents, attrs, args, gen)
+    total = time.time() - args._t_start
+    out = save_components(comps, args.out)
+    meta = dict(
+        command="python -m jobs.pretrain_tiny " + " ".join(sys.argv[1:]),
+        seed=args.seed,
+        pretrain_identity_seed=SEED_PRETRAIN,
+        identities=args.identities,
+        images_per_identity=args.images,
+        vae_steps=args.vae_steps_done,
+        unet_steps=args.unet_steps_done,
+        vae_seconds=round(vae_s, 1),
+        unet_seconds=round(unet_s, 1),
+        total_seconds=round(total, 1),
+        vae_full_image_l1=round(vae_l1, 4),
+        latent_scaling_factor=scaling,
+        threads=args.threads,
+        torch=torch.__version__,
+    )
+    (Path(out) / "pretrain_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log(f"saved to {out} in {total:.0f}s total: {json.dumps(meta)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
