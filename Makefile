@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.w2w-installed
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install clean-venv docker-smoke
 
 install: $(STAMP)
 
@@ -26,3 +26,12 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Build the CPU image and smoke-test it (needs a Docker daemon; see docs/DEPLOY.md).
+# The synthetic trainer on the SD1.5/tiny layout needs no base model and no identity images.
+DOCKER ?= docker
+IMAGE_CPU ?= w2w:cpu
+docker-smoke:
+	$(DOCKER) build -f docker/Dockerfile.cpu -t $(IMAGE_CPU) .
+	$(DOCKER) run --rm $(IMAGE_CPU) --help
+	$(DOCKER) run --rm $(IMAGE_CPU) build conf/tiny.yaml build.trainer=synthetic build.synthetic_layout=tiny build.synthetic_identities=64 build.out=/tmp/w2w-smoke build.workers=2 --no-progress

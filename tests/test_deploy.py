@@ -1,0 +1,177 @@
+"""Offline checks of the deployment files (docs/DEPLOY.md). No Docker daemon or Kubernetes API
+is reachable here: the Dockerfiles are parsed, the KubeRay manifests are validated against a
+hand-transcribed subset of the ray.io/v1 CRDs (docker/kuberay/schema/*.json)."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from jobs.cli import build_parser
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+KUBERAY = DOCKER / "kuberay"
+
+
+# ---------------------------------------------------------------- Dockerfiles
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def dockerignored(name: str) -> bool:
+    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    ignored = False
+    for p in patterns:
+        negate = p.startswith("!")
+        p = p.lstrip("!").rstrip("/")
+        if name == p or name.startswith(p + "/"):
+            ignored = not negate
+    return ignored
+
+
+@pytest.mark.parametrize("name, base", [("Dockerfile", "nvidia/cuda:"), ("Dockerfile.cpu", "python:3.11-slim")])
+def test_dockerfile_structure(name, base):
+    ins = instructions(DOCKER / name)
+    assert ins[0][0] in ("FROM", "ARG") and [a for op, a in ins if op == "FROM"][0].startswith(base)
+    assert len([op for op, _ in ins if op == "FROM"]) == 1
+    entry = [a for op, a in ins if op == "ENTRYPOINT"]
+    assert len(entry) == 1 and json.loads(entry[0]) == ["w2w"]  # exec form
+
+    runs = [a for op, a in ins if op == "RUN"]
+    torch_at = next(i for i, r in enumerate(runs) if "torch==${TORCH_VERSION}" in r)
+    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r))
+    assert torch_at < project_at, "torch must be installed alone, before the project"
+    torch_run = runs[torch_at]
+    assert "--index-url ${TORCH_INDEX_URL}" in torch_run and " . " not in torch_run + " "
+    args = dict(a.split("=", 1) for op, a in ins if op == "ARG" and "=" in a)
+    pinned = re.search(r'"torch==([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert args["TORCH_VERSION"] == pinned
+    assert args["TORCH_INDEX_URL"].endswith("/cpu" if name.endswith(".cpu") else "/cu128")
+
+    copies = [a.split() for op, a in ins if op == "COPY"]
+    assert copies
+    for parts in copies:
+        parts = [p for p in parts if not p.startswith("--")]
+        for src in parts[:-1]:
+            assert (REPO / src).exists(), f"{name}: COPY source {src} does not exist"
+            assert not dockerignored(src), f"{name}: COPY source {src} is excluded by .dockerignore"
+
+
+def test_dockerignore_keeps_the_context_small():
+    for heavy in (".git", ".venv", "runs", "tests"):
+        assert dockerignored(heavy)
+    for needed in ("pyproject.toml", "w2w_core", "pipeline", "jobs", "conf"):
+        assert not dockerignored(needed)
+
+
+def test_makefile_has_docker_smoke():
+    text = (REPO / "Makefile").read_text()
+    recipe = text.split("docker-smoke:", 1)[1].split("\n\n", 1)[0]
+    assert "docker/Dockerfile.cpu" in recipe and "--help" in recipe and "build.trainer=synthetic" in recipe
+    # the image's ENTRYPOINT is w2w: `docker run IMAGE build conf/tiny.yaml ...` = `w2w build ...`
+    argv = shlex.split(re.search(r"\s(build conf/tiny\.yaml[^\n;&]*)", recipe).group(1))
+    args = build_parser().parse_args(argv)
+    cfg = load_config(REPO / args.config, args.overrides)
+    assert cfg.build.trainer == "synthetic" and cfg.build.synthetic_identities > 0  # no base model, no images
+
+
+# ---------------------------------------------------------------- KubeRay manifests
+def load(name):
+    return yaml.safe_load((KUBERAY / name).read_text())
+
+
+def validator(kind):
+    schema = json.loads((KUBERAY / "schema" / f"{kind}.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+MANIFESTS = [("raycluster.yaml", "raycluster"), ("rayjob.yaml", "rayjob")]
+
+
+def cluster_spec(doc):
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
+@pytest.mark.parametrize("name, kind", MANIFESTS)
+def test_manifest_validates(name, kind):
+    doc = load(name)
+    errors = sorted(validator(kind).iter_errors(doc), key=str)
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
+
+
+@pytest.mark.parametrize("name, kind", MANIFESTS)
+def test_manifest_policy(name, kind):
+    spec = cluster_spec(load(name))
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"  # no training on the head
+    images = {c["image"] for c in head["template"]["spec"]["containers"]}
+    workers = spec["workerGroupSpecs"]
+    assert workers
+    for group in workers:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        for c in group["template"]["spec"]["containers"]:
+            images.add(c["image"])
+            res = c["resources"]
+            gpus = int(group["rayStartParams"]["num-gpus"])
+            assert int(res["requests"]["nvidia.com/gpu"]) == int(res["limits"]["nvidia.com/gpu"]) == gpus >= 1
+    assert len(images) == 1, f"head and workers must run the same image, got {images}"
+
+
+@pytest.mark.parametrize(
+    "name, kind, breakage",
+    [
+        ("raycluster.yaml", "raycluster", lambda d: d["spec"].pop("headGroupSpec")),
+        ("raycluster.yaml", "raycluster", lambda d: d["spec"]["workerGroupSpecs"][0].update(maxReplica=4)),
+        ("raycluster.yaml", "raycluster", lambda d: d["spec"]["workerGroupSpecs"][0].pop("groupName")),
+        ("raycluster.yaml", "raycluster", lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update({"num-gpus": 0})),
+        ("raycluster.yaml", "raycluster", lambda d: d.update(apiVersion="ray.io/v1alpha1")),
+        ("raycluster.yaml", "raycluster",
+         lambda d: d["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"].update(
+             {"nvidia.com/gpu": "one"})),
+        ("rayjob.yaml", "rayjob", lambda d: d["spec"]["rayClusterSpec"].pop("headGroupSpec")),
+        ("rayjob.yaml", "rayjob", lambda d: d["spec"].update(shutdownAfterJobFinish=True)),
+        ("rayjob.yaml", "rayjob", lambda d: d["spec"].update(shutdownAfterJobFinishes="yes")),
+        ("rayjob.yaml", "rayjob", lambda d: d["spec"].update(submissionMode="K8sJob")),
+        ("rayjob.yaml", "rayjob",
+         lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(imagee="x")),
+    ],
+    ids=["no-head", "typo-maxReplica", "no-groupName", "int-rayStartParam", "old-apiVersion", "bad-quantity",
+         "job-no-head", "typo-shutdown", "shutdown-not-bool", "bad-submissionMode", "typo-container-field"],
+)
+def test_broken_manifest_fails(name, kind, breakage):
+    doc = copy.deepcopy(load(name))
+    breakage(doc)
+    assert list(validator(kind).iter_errors(doc)), "the schema accepted a broken manifest"
+
+
+def test_rayjob_entrypoint_is_a_valid_w2w_command():
+    spec = load("rayjob.yaml")["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] >= 1
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[0] == "w2w"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "build" and args.config == "conf/sd15.yaml"
+    cfg = load_config(REPO / args.config, args.overrides)
+    assert cfg.build.out.startswith("s3://") and cfg.build.ray_address == "auto"
+    assert cfg.model.path.startswith("/models/") and cfg.data.source.startswith("/data/")
+    # the paths the entrypoint names are the ones the pods mount
+    mounts = {m["mountPath"] for c in spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+              for m in c["volumeMounts"]}
+    assert {"/models", "/data"} <= mounts
