@@ -71,22 +71,25 @@ def _param_name(key: str, adapter_name: str) -> str:
 def generate(
     base: BaseModel,
     prompts: Sequence[str],
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     steps: int = 25,
     guidance_scale: float = 1.0,
     negative_prompt: str | None = None,
-) -> list[Image.Image]:
+    output_type: str = "pil",
+):
     """Render one image per prompt with whatever LoRA the UNet currently carries.
 
-    Every prompt uses the same initial noise (seeded), so rows of a grid differ only by the model.
+    `seed` is one seed shared by every prompt (rows of a grid then differ only by the
+    model or prompt) or one seed per prompt. output_type "pt" gives (B, 3, H, W) in [-1, 1].
     """
+    seeds = [int(seed)] * len(prompts) if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     pipe = base.pipeline()
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     size = base.resolution
-    channels = base.unet.config.in_channels
     factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
-    noise = torch.randn((1, channels, size // factor, size // factor), generator=generator)
-    latents = noise.expand(len(prompts), -1, -1, -1).to(base.device, base.unet.dtype)
+    shape = (base.unet.config.in_channels, size // factor, size // factor)
+    latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     result = pipe(
         list(prompts),
         num_inference_steps=steps,
@@ -94,9 +97,11 @@ def generate(
         negative_prompt=[negative_prompt] * len(prompts) if negative_prompt is not None else None,
         height=size,
         width=size,
-        latents=latents,
-        output_type="pil",
+        latents=latents.to(base.device, base.unet.dtype),
+        output_type="pt" if output_type == "pt" else "pil",
     )
+    if output_type == "pt":
+        return result.images * 2 - 1
     return list(result.images)
 
 
