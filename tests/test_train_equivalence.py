@@ -136,3 +136,17 @@ def test_class_latents_roundtrip(world, tmp_path):
     path = save_class_latents(class_latents, tmp_path / "class.safetensors", {"prompt": "person"})
     assert torch.equal(load_class_latents(path), class_latents)
     assert class_latents.shape == (3, 4, 16, 16) and torch.isfinite(class_latents).all()
+
+
+def test_bad_images_are_quarantined_not_trained(world):
+    base, layout, cfg, class_latents = world
+    bad = [
+        IdentityInput("uint8", torch.zeros(2, 3, 64, 64, dtype=torch.uint8), seed=1),
+        IdentityInput("0-255", torch.full((2, 3, 64, 64), 255.0), seed=2),
+        IdentityInput("shape", torch.zeros(2, 64, 64), seed=3),
+        IdentityInput("resolution", torch.zeros(2, 3, 32, 32), seed=4),
+    ]
+    results = train_identities(base, layout, cfg, bad, class_latents=class_latents)
+    assert [r.status for r in results] == ["quarantined"] * 4
+    assert all(r.vector is None and r.reason for r in results)
+    assert "base resolution" in results[3].reason and "[-1, 1]" in results[1].reason

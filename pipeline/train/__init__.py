@@ -63,7 +63,21 @@ def _validate_images(inp: IdentityInput) -> str:
         return f"images must have shape (n, 3, H, W), got {tuple(images.shape)}"
     if images.shape[0] == 0:
         return "identity has zero training images"
+    if not images.is_floating_point():
+        return f"images must be floating point in [-1, 1], got dtype {images.dtype}"
+    lo, hi = float(images.min()), float(images.max())  # NaN passes here and is caught as a non-finite loss
+    if lo < -1.001 or hi > 1.001:
+        return f"images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]"
     return ""
+
+
+def _latent_shape(base) -> tuple[int, ...] | None:
+    cfg = getattr(base.unet, "config", None)
+    if cfg is None or not hasattr(cfg, "sample_size"):
+        return None
+    size = cfg.sample_size
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    return (cfg.in_channels, *size)
 
 
 def train_identities(
@@ -107,22 +121,26 @@ def train_identities(
     group_size = int(train_cfg.identities_per_batch) if trainer == "batched" else 1
     for start in range(0, len(good), group_size):
         idx = good[start : start + group_size]
-        prepared = [prepare_identity(base, identities[i]) for i in idx]
-        if ctx.class_latents is not None:
-            for p in prepared:
-                if tuple(p.latents.shape[1:]) != tuple(ctx.class_latents.shape[1:]):
-                    raise ValueError(
-                        f"identity {p.identity_id!r}: latent shape {tuple(p.latents.shape[1:])} differs from the "
-                        f"class latents' {tuple(ctx.class_latents.shape[1:])}; images must be at the base "
-                        f"resolution ({base.resolution} px)"
-                    )
+        prepared = []
+        for i in idx:
+            p = prepare_identity(base, identities[i])
+            want = tuple(ctx.class_latents.shape[1:]) if ctx.class_latents is not None else _latent_shape(base)
+            if want is not None and tuple(p.latents.shape[1:]) != tuple(want):
+                results[i] = TrainResult.quarantined(
+                    p.identity_id,
+                    f"latent shape {tuple(p.latents.shape[1:])} differs from the expected {want}: "
+                    f"images must be at the base resolution ({base.resolution} px)",
+                )
+            else:
+                prepared.append(p)
+        idx = [i for i in idx if results[i] is None]
         if trainer == "batched":
             group_results = train_batched(base, layout, train_cfg, prepared, ctx, options)
         else:
             group_results = [train_reference(base, layout, train_cfg, p, ctx) for p in prepared]
         for i, r in zip(idx, group_results):
             results[i] = r
-        done += len(idx)
+        done += len(good[start : start + group_size])
         if progress is not None:
             progress(done, total)
     return results  # type: ignore[return-value]
