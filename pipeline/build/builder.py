@@ -148,11 +148,21 @@ def connect_ray(address: str = "") -> bool:
     kwargs = dict(log_to_driver=False, configure_logging=True, logging_level="WARNING")
     if address or os.environ.get("RAY_ADDRESS"):
         if os.environ.get("RAY_AUTH_MODE") is None and _token_available():
-            os.environ["RAY_AUTH_MODE"] = "token"
+            _enable_token_auth()
         ray.init(address=address or None, **kwargs)
     else:
         ray.init(include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kwargs)
     return True
+
+
+def _enable_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process and its children (Ray caches its config: refresh it)."""
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth as enable
+
+        enable()
+    except ImportError:  # other Ray versions: the environment variable is read at import/init
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _token_available() -> bool:

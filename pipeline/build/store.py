@@ -151,9 +151,11 @@ class WeightStore:
         skip = set(ignore) | set(self.attrs.get("advisory_keys", [])) | {"advisory_keys"}
         mine = {k: v for k, v in self.attrs.items() if k not in skip}
         theirs = {k: v for k, v in _json_round_trip(attrs).items() if k not in skip}
-        diffs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        diffs = _diff(mine, theirs)
         if diffs:
-            detail = "; ".join(f"{k}: store has {_short(mine.get(k))}, requested {_short(theirs.get(k))}" for k in diffs)
+            detail = "; ".join(f"{k}: store has {_short(a)}, requested {_short(b)}" for k, a, b in diffs[:8])
+            if len(diffs) > 8:
+                detail += f"; ... {len(diffs) - 8} more"
             raise StoreError(
                 f"{self.out} already holds a build with a different configuration ({detail}). "
                 "Use `w2w resume` to finish it, or choose a new build.out."
@@ -318,6 +320,20 @@ def read_table(url: str) -> pa.Table:
 
 def _json_round_trip(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _diff(mine: dict, theirs: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """Differences as (dotted key, mine, theirs), descending into nested dicts."""
+    out = []
+    for k in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(k), theirs.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", a, b))
+    return out
 
 
 def _short(value, limit: int = 80) -> str:

@@ -1,0 +1,113 @@
+"""A real, private Ray cluster for tests: `ray start --head` in a temp dir, token auth on.
+
+Never `ray stop` (it would stop every Ray process of this user, other sessions' included):
+the finalizer kills exactly the processes whose command line names this cluster's temp dir.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_token(path: Path) -> Path:
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+    path.write_text(generate_new_authentication_token())
+    return path
+
+
+class RayCluster:
+    def __init__(self, root: Path, num_cpus: int = 2, dashboard: bool = False):
+        # Unix socket paths must stay short: keep the session dir under /tmp.
+        import tempfile
+
+        self.root = Path(tempfile.mkdtemp(prefix="w2wray", dir="/tmp"))
+        self.token = make_token(self.root / "token")
+        self.port = free_port()
+        self.dashboard_port = free_port() if dashboard else None
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env.update(
+            RAY_AUTH_TOKEN_PATH=str(self.token),
+            PATH=VENV_BIN + os.pathsep + self.env.get("PATH", ""),
+            RAY_USAGE_STATS_ENABLED="0",
+            PYTHONUNBUFFERED="1",
+        )
+        cmd = [
+            f"{VENV_BIN}/ray", "start", "--head", "--num-cpus", str(num_cpus), "--port", str(self.port),
+            "--node-ip-address", "127.0.0.1", "--object-store-memory", str(100 * 1024 * 1024),
+            "--temp-dir", str(self.root / "ray"), "--disable-usage-stats",
+            # every fixed default port moved off its default: other sessions may run clusters too
+            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+        ]
+        if dashboard:
+            cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port)]
+        else:
+            cmd += ["--include-dashboard", "false"]
+        # Server side: token auth explicitly on (the client side is left to w2w / RAY_AUTH_MODE).
+        env = {**self.env, "RAY_AUTH_MODE": "token"}
+        try:
+            subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=120)
+        except subprocess.CalledProcessError as err:
+            self.stop()
+            raise RuntimeError(f"ray start failed:\n{err.stdout}\n{err.stderr}") from err
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def processes(self) -> list[psutil.Process]:
+        mark = str(self.root)
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline", "environ"]):
+            try:
+                cmdline = " ".join(p.info["cmdline"] or [])
+                env = p.info.get("environ") or {}
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if p.pid != os.getpid() and (mark in cmdline or env.get("RAY_AUTH_TOKEN_PATH") == str(self.token)):
+                found.append(p)
+        return found
+
+    def stop(self) -> None:
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+
+def w2w(*args: str, env: dict, cwd=None, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([f"{VENV_BIN}/w2w", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.1):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError("condition not met in time")

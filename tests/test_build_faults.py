@@ -1,0 +1,202 @@
+"""Fault tests of the Ray builder: real Ray cluster (token auth), real Zarr, synthetic trainer.
+
+The synthetic trainer's `build.synthetic_delay_s` makes shards slow enough to kill a worker
+mid-build. Every store is compared byte for byte (chunk files + marker checksums) with an
+uninterrupted reference build of the same config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _raycluster import VENV_BIN, RayCluster, w2w, wait_for
+
+pytestmark = pytest.mark.slow
+
+N_IDS, R = 12, 2  # 6 shards
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = RayCluster(tmp_path_factory.mktemp("ray"))
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    from pipeline.data.synthfaces import write_identity_source
+
+    root = tmp_path_factory.mktemp("src") / "identities"
+    write_identity_source(root, N_IDS, 2, seed=0)
+    return root
+
+
+def overrides(cluster, source, out, **extra):
+    base = {
+        "data.source": str(source), "data.images_per_identity": 2, "build.out": str(out),
+        "build.trainer": "synthetic", "build.synthetic_layout": "tiny", "build.rows_per_shard": R,
+        "build.workers": 2, "build.ray_address": cluster.address,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def build(cluster, source, out, *flags, **extra):
+    return w2w("build", "conf/tiny.yaml", *overrides(cluster, source, out, **extra), "--no-progress", *flags,
+               env=cluster.env, cwd=REPO)
+
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "store"
+    res = build(cluster, source, out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return out
+
+
+def store_bytes(out: Path) -> dict:
+    from pipeline.build.store import WeightStore
+
+    store = WeightStore.open(str(out), mode="r")
+    markers = store.markers()
+    assert sorted(markers) == list(range(store.n_shards))
+    return {s: (Path(store.chunk_path(s)).read_bytes(), markers[s].checksum) for s in range(store.n_shards)}
+
+
+def assert_same_store(out: Path, ref: Path) -> None:
+    from pipeline.build.store import WeightStore
+    from pipeline.build.worker import synthetic_vector
+
+    got, want = store_bytes(out), store_bytes(ref)
+    assert got.keys() == want.keys()
+    for s in want:
+        assert got[s][1] == want[s][1], f"shard {s} checksum differs"
+        assert got[s][0] == want[s][0], f"shard {s} chunk bytes differ"
+    store = WeightStore.open(str(out), mode="r")
+    assert store.manifest().equals(WeightStore.open(str(ref), mode="r").manifest())
+    # zero missing and zero duplicate rows: every row holds exactly its own identity's vector
+    ids = store.manifest().column("identity").to_pylist()
+    x = np.asarray(store.array[:])
+    assert sorted(store.manifest().column("row").to_pylist()) == list(range(len(ids)))
+    for row, ident in enumerate(ids):
+        np.testing.assert_array_equal(x[row], synthetic_vector(ident, store.numel, 0))
+
+
+def running_worker_pid(out: Path):
+    prog = out / "progress"
+    for p in sorted(prog.glob("0*.json")) if prog.exists() else []:
+        try:
+            rec = json.loads(p.read_text())
+        except (json.JSONDecodeError, FileNotFoundError):
+            continue
+        if rec.get("state") == "running" and not (out / "shards" / p.name).exists():
+            return rec["pid"]
+    return None
+
+
+def test_reference_build_and_config_refusal(cluster, source, reference):
+    st = w2w("status", str(reference), "--json", env=cluster.env, cwd=REPO)
+    data = json.loads(st.stdout)
+    assert data["shards"]["done"] == data["shards"]["total"] == N_IDS // R
+    assert data["identities"]["valid"] == N_IDS
+    again = build(cluster, source, reference)
+    assert again.returncode == 0 and "already complete" in again.stdout
+    changed = build(cluster, source, reference, **{"train.steps": 7})
+    assert changed.returncode == 2
+    assert "different configuration" in changed.stderr and "build_key.train.steps: store has 60, requested 7" in changed.stderr
+    res = w2w("resume", str(reference), env=cluster.env, cwd=REPO)
+    assert res.returncode == 0 and "nothing to do" in res.stdout
+
+
+def test_sigkill_worker_then_resume(cluster, source, reference, tmp_path):
+    out = tmp_path / "store"
+    proc = subprocess.Popen(
+        [f"{VENV_BIN}/w2w", "build", "conf/tiny.yaml",
+         *overrides(cluster, source, out, **{"build.synthetic_delay_s": 1.5, "build.max_restarts": 0,
+                                             "build.max_task_retries": 0}), "--no-progress"],
+        env=cluster.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        pid = wait_for(lambda: running_worker_pid(out) or proc.poll() is not None, timeout=120)
+        assert proc.poll() is None, proc.communicate()
+        os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, stdout + stderr
+    assert "failed" in stdout and "w2w resume" in stdout
+    st = json.loads(w2w("status", str(out), "--json", env=cluster.env, cwd=REPO).stdout)
+    assert st["shards"]["done"] < st["shards"]["total"]
+    assert st["shards"]["failed"] + st["shards"]["pending"] + st["shards"]["stale"] >= 1
+    res = w2w("resume", str(out), "build.synthetic_delay_s=0", env=cluster.env, cwd=REPO)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert_same_store(out, reference)
+
+
+def test_sigkill_worker_ray_restarts_it(cluster, source, reference, tmp_path):
+    out = tmp_path / "store"
+    proc = subprocess.Popen(
+        [f"{VENV_BIN}/w2w", "build", "conf/tiny.yaml",
+         *overrides(cluster, source, out, **{"build.synthetic_delay_s": 1.0, "build.max_restarts": 2,
+                                             "build.max_task_retries": 2}), "--no-progress"],
+        env=cluster.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        pid = wait_for(lambda: running_worker_pid(out) or proc.poll() is not None, timeout=120)
+        assert proc.poll() is None, proc.communicate()
+        os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+    assert_same_store(out, reference)
+
+
+def test_partial_chunk_and_bad_marker_are_redone(cluster, reference, tmp_path):
+    from pipeline.build.store import WeightStore
+
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    store = WeightStore.open(str(out))
+    # shard 1: chunk half written, no marker (a writer died between chunk and marker)
+    store.clear_marker(1)
+    store.array[2:3] = np.zeros((1, store.numel), np.float32)
+    # shard 2: marker present but the chunk no longer matches its checksum
+    store.array[4:6] = np.ones((2, store.numel), np.float32)
+    res = w2w("resume", str(out), env=cluster.env, cwd=REPO)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "2 to do" in res.stdout
+    assert_same_store(out, reference)
+
+
+def test_corrupt_identity_is_quarantined(cluster, source, tmp_path):
+    from pipeline.build.store import WeightStore
+
+    src = tmp_path / "identities"
+    shutil.copytree(source, src)
+    bad = sorted(p.name for p in src.iterdir() if p.is_dir())[3]
+    first = sorted((src / bad).iterdir())[0]
+    first.write_bytes(b"this is not a png")
+    out = tmp_path / "store"
+    res = build(cluster, src, out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    store = WeightStore.open(str(out), mode="r")
+    q = store.quarantined()
+    assert list(q) == [bad] and first.name in q[bad]
+    assert np.isnan(np.asarray(store.array[3])).all()
+    assert 3 not in store.valid_rows().tolist() and len(store.valid_rows()) == N_IDS - 1
+    st = json.loads(w2w("status", str(out), "--json", env=cluster.env, cwd=REPO).stdout)
+    assert st["identities"]["quarantined"] == 1 and st["state"] == "complete"
