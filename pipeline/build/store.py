@@ -55,6 +55,7 @@ class ShardMarker:
     seconds: float = 0.0
     worker: str = ""
     finished_at: float = 0.0
+    write_seconds: float = 0.0  # time to write the chunk (Zarr encode + store)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
@@ -180,7 +181,9 @@ class WeightStore:
         block = np.asarray(block, dtype=np.float32)
         if block.shape != (stop - start, self.numel):
             raise StoreError(f"shard {shard} block has shape {block.shape}, expected {(stop - start, self.numel)}")
+        t0 = time.perf_counter()
         self.array[start:stop] = block
+        marker.write_seconds = round(time.perf_counter() - t0, 4)
         marker.shard, marker.start, marker.stop = shard, start, stop
         marker.checksum = chunk_checksum(block)
         marker.finished_at = marker.finished_at or time.time()
