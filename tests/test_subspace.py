@@ -157,3 +157,12 @@ def test_fit_all_default_debias_set():
     assert info["male"]["debiased_against"] == [] and info["beard"]["debiased_against"] == ["male"]
     assert all(s > 0 for s in strengths.values())
     assert torch is not None
+
+
+def test_non_finite_valid_rows_are_reported(tmp_path, data):
+    x, labels, _ = data
+    x = x.copy()
+    x[3, 10] = np.nan  # finished shard, not quarantined
+    write_store(tmp_path, x, labels)
+    with pytest.raises(SubspaceError, match="non-finite"):
+        compute_subspace(str(tmp_path), 3, progress=None)

@@ -221,6 +221,12 @@ def pca_of_array(
     xs = select_rows(x, rows, block_rows)
     _say(progress, f"statistics: streaming {n} rows x {d} dims in blocks of {block_rows}")
     mean, std_raw = column_stats(xs, progress)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std_raw))):
+        bad = int((~np.isfinite(mean)).sum())
+        raise SubspaceError(
+            f"{bad} of {d} dimensions have non-finite values among the valid rows: a finished shard holds "
+            "NaN/inf weights that are not quarantined; quarantine those identities or rebuild the shard"
+        )
     std, n_zero = guard_std(std_raw)
     timings["stats_s"] = time.time() - t0
     _say(progress, f"statistics done in {timings['stats_s']:.1f}s ({n_zero} constant dims, std set to 1)")
