@@ -47,7 +47,8 @@ def build_status(out: str, now: float | None = None) -> dict:
     eta = remaining_rows / rate * 3600.0 if rate and remaining_rows else (0.0 if not remaining_rows else None)
     return {
         "out": store.out,
-        "state": "complete" if len(markers) == n else (run or {}).get("state", "not started"),
+        "state": "complete" if len(markers) == n else
+                 {"finished": "incomplete", None: "not started"}.get((run or {}).get("state"), (run or {}).get("state")),
         "shards": {"total": n, "done": len(markers), "running": len(running), "failed": len(failed),
                    "stale": len(stale), "pending": max(pending, 0)},
         "identities": {"total": store.n_rows, "done": done_rows, "quarantined": len(quarantined),
