@@ -89,10 +89,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(err: Exception) -> bool:
+    from pipeline.build.store import StoreError
     from pipeline.config import ConfigError
+    from pipeline.data.source import IdentityDataError
     from w2w_core.layout import LayoutMismatchError
 
-    return isinstance(err, (UserError, ConfigError, LayoutMismatchError, FileNotFoundError, FileExistsError))
+    known = (UserError, ConfigError, StoreError, IdentityDataError, LayoutMismatchError, FileNotFoundError, FileExistsError)
+    return isinstance(err, known)
 
 
 if __name__ == "__main__":
