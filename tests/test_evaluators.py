@@ -21,7 +21,6 @@ def heldout():
 
 
 def test_embedding_separates_identities(heldout):
-    torch.set_num_threads(2)
     x, y, _ = heldout
     ev = load_evaluators()
     emb = ev.embed(x)

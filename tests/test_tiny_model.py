@@ -32,7 +32,6 @@ def test_committed_weights_small():
 
 
 def test_loads_and_generates(base):
-    torch.set_num_threads(2)
     assert base.resolution == 64
     pipe = base.pipeline()
     t = time.perf_counter()
