@@ -77,7 +77,7 @@ def worker(args) -> None:
         progress=lambda m: print(f"  [{args.worker}] {m}", file=sys.stderr, flush=True),
     )
     wall = time.time() - t0
-    tag = f"{args.worker}_{n}"
+    tag = f"{args.worker}{args.tag}_{n}"
     np.save(args.work / f"{tag}_components.npy", res.components.astype(np.float32))
     np.save(args.work / f"{tag}_s.npy", res.singular_values)
     print(json.dumps({"method": args.worker, "rows": int(n), "wall_s": wall, "peak_rss_gb": peak_rss_gb(),
@@ -91,6 +91,7 @@ def reference(args) -> None:
 
     torch.set_num_threads(args.threads)
     n = args.subset
+    cache = args.work / f"reference_{n}.npz"
     x = torch.from_numpy(np.asarray(zarr.open_group(str(args.work / "store.zarr"), mode="r")["weights"][:n]))
     t0 = time.time()
     mean = x.double().mean(0)
@@ -98,25 +99,32 @@ def reference(args) -> None:
     std[std < 1e-12] = 1
     z = ((x.double() - mean) / std).float()
     del x
-    _, s, vt = torch.linalg.svd(z, full_matrices=False)
+    if cache.exists():  # the SVD of this sub-problem was computed before (same store)
+        c = np.load(cache)
+        s, vt = torch.from_numpy(c["s"]), torch.from_numpy(c["vt"])
+    else:
+        _, s, vt = torch.linalg.svd(z, full_matrices=False)
+        np.savez(cache, s=s[: args.components].numpy(), vt=vt[: args.components].numpy())
     wall = time.time() - t0
     k = args.components
     vt = vt[:k].double().numpy()
     s = s[:k].double().numpy()
     out = {"method": "torch.linalg.svd (in memory)", "rows": n, "wall_s": wall, "peak_rss_gb": peak_rss_gb(), "accuracy": {}}
     for method in args.methods:
-        f = args.work / f"{method}_{n}_components.npy"
+        f = args.work / f"{method}{args.tag}_{n}_components.npy"
         if not f.exists():
             continue
         comps = np.load(f).astype(np.float64)
-        sv = np.load(args.work / f"{method}_{n}_s.npy")
+        sv = np.load(args.work / f"{method}{args.tag}_{n}_s.npy")
         cos = np.clip(np.linalg.svd(comps @ vt.T, compute_uv=False), 0, 1)
-        percomp = np.abs(np.sum(comps * vt, axis=1))
+        percomp = np.clip(np.abs(np.sum(comps * vt, axis=1)), 0, 1)
+        captured = float((z.double() @ torch.from_numpy(comps).T).square().sum() / np.sum(s**2))
         out["accuracy"][method] = {
             "max_principal_angle_deg": float(np.degrees(np.arccos(cos.min()))),
             "min_per_component_abs_cos": float(percomp.min()),
             "first_component_below_0.99_cos": int(np.argmax(percomp < 0.99)) if (percomp < 0.99).any() else None,
             "max_rel_err_singular_values": float(np.max(np.abs(sv - s) / s)),
+            "captured_variance_vs_optimal": captured,
         }
     print(json.dumps(out))
 
@@ -148,6 +156,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--subset", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tag", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     if args.worker == "reference":
