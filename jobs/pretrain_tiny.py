@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--unet-minutes", type=float, default=16.0, help="UNet stage time budget (0 = steps only)")
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1.5e-3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads; 1 is far faster on a shared, oversubscribed CPU")
     args = p.parse_args(argv)
     args._t_start = time.time()
 
