@@ -27,6 +27,9 @@ COMMANDS: dict[str, str] = {
     "demo": "run the whole pipeline on the embedded tiny world and print where the report is",
 }
 
+# Commands that load diffusers models (their loading bars are silenced).
+LOADS_MODELS = {"build", "resume", "sample", "edit", "invert", "report", "demo"}
+
 
 class UserError(Exception):
     """An error in the user's input; printed without a traceback."""
@@ -70,13 +73,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own progress lines: no per-file loading bars or deprecation chatter."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _quiet_loading_bars() -> None:
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     try:
+        if args.command in LOADS_MODELS:
+            _quiet_loading_bars()
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -111,6 +111,23 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def load_image(image, resolution: int) -> torch.Tensor:
+    """A path or PIL image -> (3, resolution, resolution) in [-1, 1]; a clear error for bad files."""
+    if isinstance(image, Image.Image):
+        return pil_to_tensor(image, resolution)
+    from pathlib import Path
+
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return pil_to_tensor(opened, resolution)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read image {path}: {err} (is it a valid PNG/JPEG file?)") from None
+
+
 def pil_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """PIL image -> (3, resolution, resolution) in [-1, 1]."""
     image = image.convert("RGB").resize((resolution, resolution), Image.BICUBIC)

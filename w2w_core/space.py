@@ -46,6 +46,7 @@ class WeightSpace:
         labels: Mapping[str, torch.Tensor] | None = None,
         config: dict | None = None,
         meta: dict | None = None,
+        rows=None,
     ):
         f = lambda a: torch.as_tensor(a).to(torch.float32)  # noqa: E731
         self.layout = layout
@@ -63,6 +64,8 @@ class WeightSpace:
             raise ValueError(f"coefficients {tuple(self.coefficients.shape)} do not match K={k}")
         n = self.coefficients.shape[0]
         self.identities = list(identities) if identities is not None else [str(i) for i in range(n)]
+        # Store row of each training model (aligned with `coefficients`, `identities`, `labels`).
+        self.rows = [int(r) for r in rows] if rows is not None else list(range(n))
         self.singular_values = None if singular_values is None else f(singular_values)
         self.explained_variance_ratio = None if explained_variance_ratio is None else f(explained_variance_ratio)
         self.directions = {k_: f(v) for k_, v in (directions or {}).items()}
@@ -124,6 +127,7 @@ class WeightSpace:
             labels=labels,
             config=meta.get("config") or {},
             meta=meta,
+            rows=rows,
         )
 
     @classmethod
@@ -235,6 +239,33 @@ class WeightSpace:
             self.save_lora(vec, tmp)
             pipe.load_lora_weights(tmp, adapter_name=adapter_name)
         return pipe
+
+    def base_model(self, model_cfg=None):
+        """The frozen base model the store was built with (or `model_cfg`), loaded once per call."""
+        from w2w_core.model import load_base_model
+
+        return load_base_model(model_cfg if model_cfg is not None else self.model_config())
+
+    def invert(self, image, *, base=None, preset: str = "in", prompt: str = "sks person", **overrides):
+        """One image -> InversionResult (coefficients + LoRA vector) by optimising PC coefficients.
+
+        `image` is a path, a PIL image or a (3, H, W) tensor in [-1, 1]. `preset` is "in"
+        (10,000-PC style, lr 0.1, 400 steps) or "out" (1,000 PCs, lr 1.0, 800 steps); keyword
+        overrides (n_components, steps, lr, weight_decay, mask, seed, progress) win over it.
+        The number of PCs is capped by what the space has.
+        """
+        from w2w_core.invert import PRESETS, invert
+        from w2w_core.render import load_image
+
+        if preset not in PRESETS:
+            raise ValueError(f"unknown inversion preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        base = base if base is not None else self.base_model()
+        settings = dict(PRESETS[preset])
+        settings["n_components"] = settings.pop("components")
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        if not isinstance(image, torch.Tensor):
+            image = load_image(image, base.resolution)
+        return invert(base, self.layout, self.mean, self.std, self.components, image, prompt=prompt, **settings)
 
     def __repr__(self) -> str:
         return (

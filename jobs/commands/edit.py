@@ -1,0 +1,97 @@
+"""`w2w edit OUT`: move an identity model along attribute directions and render the sweep.
+
+Rows: one per attribute (strengths -2σ..+2σ by default) and one per composed edit.
+"""
+from __future__ import annotations
+
+import argparse
+
+from jobs.commands._common import add_render_arguments, prompts_of, save_png
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="build output folder with a subspace and directions (`w2w pca`, `w2w directions`)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--identity", help="edit this training identity (default: the first one)")
+    which.add_argument("--lora", help="edit a model saved as safetensors (e.g. by `w2w invert`)")
+    which.add_argument("--sample-seed", type=int, help="edit a model sampled from the space with this seed")
+    parser.add_argument("--attribute", action="append", default=None, metavar="NAME",
+                        help="attribute to sweep (repeatable; default: every attribute with a direction)")
+    parser.add_argument("--strengths", default="-2,-1,0,1,2",
+                        help="comma-separated strengths in units of each direction's calibrated sigma (default -2,-1,0,1,2)")
+    parser.add_argument("--compose", action="append", default=None, metavar="A=S,B=S",
+                        help='a composed edit rendered as its own row, e.g. "beard=1,young=-1" (repeatable)')
+    add_render_arguments(parser, default_out="edit.png")
+
+
+def parse_edit(text: str) -> dict[str, float]:
+    from jobs.cli import UserError
+
+    edits = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            edits[name.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--compose {text!r}: expected NAME=STRENGTH pairs separated by commas") from None
+        if not sep:
+            raise UserError(f"--compose {text!r}: expected NAME=STRENGTH pairs separated by commas")
+    return edits
+
+
+def pick_model(space, args):
+    """The vector to edit: a training identity's reconstruction, a LoRA file, or a sample."""
+    from jobs.cli import UserError
+
+    if args.lora:
+        return space.layout.load(args.lora), args.lora
+    if args.sample_seed is not None:
+        return space.sample(1, seed=args.sample_seed)[0], f"sample seed {args.sample_seed}"
+    identity = args.identity or space.identities[0]
+    if identity not in space.identities:
+        raise UserError(f"identity {identity!r} is not in this space (e.g. {', '.join(space.identities[:5])})")
+    index = space.identities.index(identity)
+    return space.reconstruct(space.coefficients[index]), identity
+
+
+def run(args) -> int:
+    from jobs.cli import UserError
+    from w2w_core.render import LoraSlot, generate, grid
+    from w2w_core.space import WeightSpace
+
+    space = WeightSpace.load(args.out)
+    attributes = args.attribute or sorted(space.directions)
+    if not attributes:
+        raise UserError(f"no attribute directions in {args.out}; run `w2w directions {args.out}` first")
+    for name in attributes:
+        if name not in space.directions:
+            raise UserError(f"unknown attribute {name!r}; valid attributes: {', '.join(sorted(space.directions))}")
+    try:
+        strengths = [float(s) for s in args.strengths.split(",")]
+    except ValueError:
+        raise UserError(f"--strengths {args.strengths!r}: expected comma-separated numbers, e.g. -2,-1,0,1,2") from None
+    composed = [parse_edit(text) for text in args.compose or []]
+    for edits in composed:
+        for name in edits:
+            if name not in space.directions:
+                raise UserError(f"unknown attribute {name!r} in --compose; valid attributes: {', '.join(sorted(space.directions))}")
+    vec, label = pick_model(space, args)
+    base = space.base_model()
+    prompt = prompts_of(args)[0]
+    rows, row_labels = [], []
+    with LoraSlot(base, space.layout) as slot:
+        def render(v):
+            slot.set(v)
+            return generate(base, [prompt], seed=args.seed, steps=args.render_steps, guidance_scale=args.guidance)[0]
+
+        for name in attributes:
+            rows.append([render(space.edit(vec, {name: s})) for s in strengths])
+            row_labels.append(name)
+            print(f"edit: {name} swept over {strengths}", flush=True)
+        for edits in composed:
+            rows.append([render(space.edit(vec, {k: s * v for k, v in edits.items()})) for s in strengths])
+            row_labels.append("+".join(edits))
+    col_labels = [f"{s:+g}σ" for s in strengths]
+    path = save_png(grid(rows, row_labels=row_labels, col_labels=col_labels), args.grid)
+    print(f"wrote {path} (model: {label}; composed rows scale every listed strength by the column)")
+    return 0

@@ -1,0 +1,30 @@
+"""`w2w report OUT`: measure sampling, editing and inversion with the tiny-world evaluators -> report.md + PNGs."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="build output folder with a subspace and directions")
+    parser.add_argument("--sample-models", type=int, default=8, help="sampled models to evaluate (default 8)")
+    parser.add_argument("--edit-models", type=int, default=8, help="training models to edit per attribute (default 8)")
+    parser.add_argument("--invert-identities", type=int, default=4, help="held-out identities to invert (default 4)")
+    parser.add_argument("--invert-steps", type=int, default=200, help="inversion steps, also the LoRA baseline's (default 200)")
+    parser.add_argument("--render-steps", type=int, default=25, help="DDIM steps per rendered image (default 25)")
+    parser.add_argument("--attribute", action="append", default=None, help="attributes to evaluate (default: all)")
+
+
+def run(args) -> int:
+    from pipeline.eval.report import ReportSettings, write_report
+
+    settings = ReportSettings(
+        sample_models=args.sample_models,
+        edit_models=args.edit_models,
+        invert_identities=args.invert_identities,
+        invert_steps=args.invert_steps,
+        render_steps=args.render_steps,
+        attributes=args.attribute or [],
+    )
+    path = write_report(args.out, settings, log=lambda m: print(m, flush=True))
+    print(f"report: {path}")
+    return 0

@@ -1,0 +1,39 @@
+"""`w2w sample OUT`: draw new identity models from the subspace and render them (rows: models, columns: prompts)."""
+from __future__ import annotations
+
+import argparse
+
+from jobs.commands._common import add_render_arguments, prompts_of, save_png
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="build output folder with a subspace (run `w2w pca` first)")
+    parser.add_argument("--n", type=int, default=4, help="number of models to sample (default 4)")
+    parser.add_argument("--sample-seed", type=int, default=0, help="seed of the PC coefficients (default 0)")
+    parser.add_argument("--save-loras", default=None, metavar="DIR",
+                        help="also write each sampled model as a diffusers LoRA folder DIR/sample_<i>/")
+    add_render_arguments(parser, default_out="sample.png")
+
+
+def run(args) -> int:
+    from jobs.cli import UserError
+    from w2w_core.render import LoraSlot, generate, grid
+    from w2w_core.space import WeightSpace
+
+    if args.n < 1:
+        raise UserError("--n must be at least 1")
+    space = WeightSpace.load(args.out)
+    vectors = space.sample(args.n, seed=args.sample_seed)
+    base = space.base_model()
+    prompts = prompts_of(args)
+    rows = []
+    with LoraSlot(base, space.layout) as slot:
+        for i, vec in enumerate(vectors):
+            slot.set(vec)
+            rows.append(generate(base, prompts, seed=args.seed, steps=args.render_steps, guidance_scale=args.guidance))
+            print(f"sample: rendered model {i + 1}/{args.n}", flush=True)
+            if args.save_loras:
+                space.save_lora(vec, f"{args.save_loras}/sample_{i}")
+    path = save_png(grid(rows, row_labels=[f"sample {i}" for i in range(args.n)], col_labels=prompts), args.grid)
+    print(f"wrote {path}")
+    return 0
