@@ -35,7 +35,11 @@ def main(argv=None) -> int:
     src = write_identity_source(tmp / "identities", args.identities, 10, seed=0)
     base = [f"data.source={src}", f"data.limit={args.identities}", *args.overrides]
     cfg = load_config(REPO / "conf/tiny.yaml", base + [f"build.out={tmp / 'loop'}"])
-    res = {"identities": args.identities, "overrides": args.overrides, "trainer": cfg.build.trainer}
+    import os
+
+    res = {"identities": args.identities, "overrides": args.overrides, "trainer": cfg.build.trainer,
+           "loadavg_start": os.getloadavg(), "nproc": os.cpu_count(),
+           "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     # plain loop: the same trainer call per shard, no Ray, no Zarr
     plan = plan_build(cfg)
     t = time.perf_counter()
@@ -50,6 +54,7 @@ def main(argv=None) -> int:
     res["loop_setup_seconds"] = setup
     res["loop_train_seconds"] = loop
     res["loop_identities_per_hour"] = args.identities / loop * 3600
+    res["loop_torch_threads"] = __import__("torch").get_num_threads()
     for w in [int(x) for x in args.workers.split(",")]:
         out = tmp / f"ray{w}"
         c = load_config(REPO / "conf/tiny.yaml", base + [f"build.out={out}", f"build.workers={w}"])
@@ -67,6 +72,7 @@ def main(argv=None) -> int:
         res[f"ray{w}_identities_per_hour_wall"] = args.identities / wall * 3600
         if w == 1:
             res["overhead_vs_loop_steady"] = steady / loop - 1
+    res["loadavg_end"] = os.getloadavg()
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(res, indent=1))
     return 0

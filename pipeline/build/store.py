@@ -69,6 +69,18 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+def zarr_location(url: str) -> str:
+    """What to hand Zarr for `url`: a plain path for local files (`file://...` included), else the URL.
+
+    Zarr's fsspec store does not create parent directories on a local filesystem (fsspec's
+    LocalFileSystem has auto_mkdir=False), so `file://` URLs go through Zarr's LocalStore.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return path if isinstance(fs, LocalFileSystem) else str(url)
+
+
 class WeightStore:
     """Read/write access to one build's output directory (local path or fsspec URL)."""
 
@@ -93,7 +105,7 @@ class WeightStore:
     def open(cls, out: str, mode: str = "r+") -> "WeightStore":
         if not cls.exists(out):
             raise FileNotFoundError(f"no weight store at {out} (expected {join(str(out), WEIGHTS_DIR)}); run `w2w build` first")
-        group = zarr.open_group(join(str(out), WEIGHTS_DIR), mode=mode)
+        group = zarr.open_group(zarr_location(join(str(out), WEIGHTS_DIR)), mode=mode)
         if group.attrs.get("format") != STORE_FORMAT:
             raise StoreError(f"{out} is not a w2w store of format {STORE_FORMAT!r}")
         return cls(out, group)
@@ -136,7 +148,7 @@ class WeightStore:
         fs, root = fsspec.core.url_to_fs(out)
         fs.makedirs(join(root, SHARDS_DIR), exist_ok=True)
         write_table(manifest, join(out, MANIFEST))
-        group = zarr.open_group(join(out, WEIGHTS_DIR), mode="w")
+        group = zarr.open_group(zarr_location(join(out, WEIGHTS_DIR)), mode="w")
         group.create_array(
             WEIGHTS_ARRAY,
             shape=(n_rows, layout.numel),
@@ -301,7 +313,7 @@ class WeightStore:
     @property
     def weights_url(self) -> str:
         """What `dask.array.from_zarr(url, component='weights')` opens."""
-        return join(self.out, WEIGHTS_DIR)
+        return zarr_location(join(self.out, WEIGHTS_DIR))
 
 
 def write_table(table: pa.Table, url: str) -> None:

@@ -38,6 +38,29 @@ def synthetic_layout(name: str):
     return LoraLayout.from_unet_config(unet)
 
 
+def worker_threads(cfg) -> int:
+    """Torch intra-op threads of one worker: its CPU slots (`build.cpus_per_worker`, at least 1)."""
+    return max(1, int(float(cfg.build.cpus_per_worker or 1)))
+
+
+def pin_torch_threads(cfg) -> int:
+    """Fix torch's thread count before any training in this process.
+
+    Float reductions (matmul/conv) on CPU are split across threads, so the same shard trained
+    with 1 thread and with 2 threads differs in the last bits (measured: class latents and the
+    trained block both differ), while the same thread count in two processes gives identical
+    bytes. Ray's default (OMP_NUM_THREADS from the actor's CPUs, or torch's own default for the
+    cores it sees) is not something to rely on: a resume, a restarted actor and a plain loop
+    must all train with the same count. Returns the count.
+    """
+    import torch
+
+    n = worker_threads(cfg)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 def virtual_ids(n: int) -> list[str]:
     return [f"v{i:06d}" for i in range(n)]
 
@@ -70,6 +93,7 @@ class TrainerContext:
         from w2w_core.layout import LoraLayout
         from w2w_core.model import load_base_model
 
+        pin_torch_threads(cfg)
         base = load_base_model(cfg.model)
         layout = LoraLayout.from_unet(base.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
         return cls(cfg, layout.numel, layout=layout, base=base)
@@ -90,21 +114,36 @@ class TrainerContext:
 
     # ------------------------------------------------------------------ class latents
     def ensure_class_latents(self, path: str) -> None:
-        """Generate prior-preservation latents once per build (at `path`), or load them."""
+        """Generate prior-preservation latents once per build (at `path`, local or fsspec URL), or load them."""
         if not self.needs_class_latents:
             return
+        import tempfile
+
         import fsspec
+        from fsspec.implementations.local import LocalFileSystem
 
         from pipeline import train
 
-        fs, local = fsspec.core.url_to_fs(path)
-        if fs.exists(local):
-            self.class_latents = train.load_class_latents(path)
+        fs, remote = fsspec.core.url_to_fs(path)
+        local_fs = isinstance(fs, LocalFileSystem)
+        if fs.exists(remote):
+            if local_fs:
+                self.class_latents = train.load_class_latents(remote)
+            else:  # safetensors reads local files: copy it down first
+                with tempfile.TemporaryDirectory(prefix="w2wcl") as d:
+                    fs.get(remote, f"{d}/cl.safetensors")
+                    self.class_latents = train.load_class_latents(f"{d}/cl.safetensors")
             return
         latents = train.generate_class_latents(self.base, self.cfg.train)
-        tmp = local + ".partial"
-        train.save_class_latents(latents, tmp)
-        fs.mv(tmp, local)
+        if local_fs:
+            tmp = remote + ".partial"
+            train.save_class_latents(latents, tmp)
+            fs.mv(tmp, remote)
+        else:
+            with tempfile.TemporaryDirectory(prefix="w2wcl") as d:
+                train.save_class_latents(latents, f"{d}/cl.safetensors")
+                fs.put(f"{d}/cl.safetensors", remote + ".partial")
+            fs.mv(remote + ".partial", remote)
         self.class_latents = latents
 
     @property
@@ -134,9 +173,9 @@ def train_shard(
     todo = [i for i in identity_ids if i not in result.quarantined]
     # 2. vectors
     vectors: dict[str, np.ndarray] = {}
+    if cfg.build.synthetic_delay_s:  # fault-test knob (execution only): a shard slow enough to kill
+        time.sleep(cfg.build.synthetic_delay_s)
     if cfg.build.trainer == "synthetic":
-        if cfg.build.synthetic_delay_s:
-            time.sleep(cfg.build.synthetic_delay_s)
         for ident in todo:
             vectors[ident] = synthetic_vector(ident, ctx.numel, cfg.train.seed)
             result.losses[ident] = 0.0
