@@ -1,4 +1,5 @@
-"""Fault tests of the Ray builder: real Ray cluster (token auth), real Zarr, synthetic trainer.
+"""Fault tests of the Ray builder: real Ray cluster (token auth), real Zarr, synthetic trainer
+(the real batched trainer: tests/test_build_real.py).
 
 The synthetic trainer's `build.synthetic_delay_s` makes shards slow enough to kill a worker
 mid-build. Every store is compared byte for byte (chunk files + marker checksums) with an
@@ -200,3 +201,26 @@ def test_corrupt_identity_is_quarantined(cluster, source, tmp_path):
     assert 3 not in store.valid_rows().tolist() and len(store.valid_rows()) == N_IDS - 1
     st = json.loads(w2w("status", str(out), "--json", env=cluster.env, cwd=REPO).stdout)
     assert st["identities"]["quarantined"] == 1 and st["state"] == "complete"
+
+
+def test_file_url_build_status_resume(cluster, source, reference, tmp_path):
+    """build.out as an fsspec URL (file:///abs/path): build, status and resume all take the URL."""
+    from pipeline.build.store import WeightStore
+
+    out = tmp_path / "store"
+    url = out.as_uri()
+    assert url.startswith("file:///")
+    res = build(cluster, source, url)
+    assert res.returncode == 0, res.stdout + res.stderr
+    store = WeightStore.open(url)
+    assert store.attrs["config"]["build"]["out"] == url  # kept as given, not turned into a local path
+    # shard 4: the writer died between chunk and marker
+    store.clear_marker(4)
+    store.array[8:9] = np.zeros((1, store.numel), np.float32)
+    st = json.loads(w2w("status", url, "--json", env=cluster.env, cwd=REPO).stdout)
+    assert st["out"] == url and st["shards"]["done"] == N_IDS // R - 1 and st["state"] != "complete"
+    res = w2w("resume", url, env=cluster.env, cwd=REPO)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 to do" in res.stdout
+    assert json.loads(w2w("status", url, "--json", env=cluster.env, cwd=REPO).stdout)["state"] == "complete"
+    assert_same_store(out, reference)
