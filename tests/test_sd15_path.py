@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import peft
 import pytest
 import torch
@@ -106,3 +107,48 @@ def test_config_dir_missing_tokenizer_is_named(sd15, tmp_path):
     cfg = load_config(SD15_YAML, [f"model.path={sd15.single_file}", f"model.config_dir={broken}", "model.device=cpu"])
     with pytest.raises(FileNotFoundError, match="lacks tokenizer/"):
         load_base_model(cfg.model)
+
+
+@pytest.mark.slow
+def test_sd15_one_build_shard_through_ray(sd15, tmp_path):
+    """`w2w build conf/sd15.yaml` (bf16 frozen base, bf16 autocast, fp32 LoRA, batched trainer,
+    prior preservation) on a random SD1.5-architecture checkpoint: one shard through a local Ray.
+    Overrides only for sizes, paths and the CPU-only Ray slot."""
+    import json
+    import subprocess
+    import sys
+
+    from pipeline.build.store import WeightStore
+    from pipeline.data.synthfaces import write_identity_source
+
+    if sd15.block_out_channels != SMALL_CHANNELS:
+        pytest.skip("one build shard at full SD1.5 width takes minutes on a CPU")
+    src = write_identity_source(tmp_path / "identities", 2, 2, seed=0)
+    out = tmp_path / "store"
+    overrides = sd15.overrides(single_file=False) + [
+        f"data.source={src}", "data.images_per_identity=2", "model.resolution=64", f"build.out={out}",
+        'build.ray_address=""', "build.gpus_per_worker=0", "build.cpus_per_worker=1", "build.workers=1",
+        "build.rows_per_shard=2", "train.steps=2", "train.num_class_images=2", "train.class_image_steps=2",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    w2w = str(Path(sys.executable).parent / "w2w")
+    res = subprocess.run([w2w, "build", str(SD15_YAML), *overrides, "--no-progress"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    store = WeightStore.open(str(out), mode="r")
+    cfg = store.attrs["config"]
+    assert cfg["model"]["dtype"] == "bfloat16" and cfg["train"]["mixed_precision"] == "bf16"
+    assert cfg["build"]["trainer"] == "batched" and cfg["lora"]["targets"] == ["to_q", "to_v"]
+    assert store.n_shards == 1 and store.done_shards(verify=True) == {0}
+    assert store.marker(0).quarantined == {}
+    assert store.numel == sd15_lora_numel(sd15.block_out_channels)
+    assert store.layout.numel == LoraLayout.from_unet(
+        sd15.components["unet"], rank=1, alpha=27, targets=("to_q", "to_v")).numel
+    rows = np.asarray(store.array[:])
+    assert rows.shape == (2, store.numel) and np.isfinite(rows).all()
+    assert (np.abs(rows) > 0).any(axis=1).all()
+    assert Path(store.class_latents_path).is_file()
+    assert json.loads((out / "shards" / "000000.json").read_text())["identities"] == \
+        store.manifest().column("identity").to_pylist()
