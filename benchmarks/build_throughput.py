@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     for s in range(plan.n_shards):
         train_shard(ctx, plan.shard_ids(s))
     loop = time.perf_counter() - t
+    res["loop_mean_shard_train_seconds"] = loop / plan.n_shards
     res["loop_setup_seconds"] = setup
     res["loop_train_seconds"] = loop
     res["loop_identities_per_hour"] = args.identities / loop * 3600
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
         first = min(m.finished_at - m.seconds - m.write_seconds for m in ms)
         steady = max(m.finished_at for m in ms) - first
         res[f"ray{w}_wall_seconds"] = wall
+        res[f"ray{w}_mean_shard_train_seconds"] = sum(m.seconds for m in ms) / len(ms)
+        res[f"ray{w}_mean_shard_write_seconds"] = sum(m.write_seconds for m in ms) / len(ms)
         res[f"ray{w}_steady_seconds"] = steady
         res[f"ray{w}_identities_per_hour_steady"] = args.identities / steady * 3600
         res[f"ray{w}_identities_per_hour_wall"] = args.identities / wall * 3600
