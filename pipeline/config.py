@@ -42,6 +42,9 @@ class TrainConfig:
     class_image_steps: int = 25
     # Identities trained together in one forward/backward of the frozen base (batched trainer).
     identities_per_batch: int = 16
+    # Every identity starts from the same lora_A (seeded by `seed` alone), so the weight space
+    # holds what training learned rather than each model's random initialisation.
+    shared_init: bool = True
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
 

@@ -26,8 +26,8 @@ def add_render_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
     parser.add_argument("--out", dest="grid", default=default_out, help=f"PNG grid to write (default {default_out})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0): grids are reproducible")
     parser.add_argument("--render-steps", type=int, default=25, help="DDIM denoising steps per rendered image (default 25)")
-    parser.add_argument("--guidance", type=float, default=1.0,
-                        help="classifier-free guidance scale (default 1.0 = off)")
+    parser.add_argument("--guidance", type=float, default=4.0,
+                        help="classifier-free guidance scale (default 4.0; 1.0 = off)")
 
 
 def prompts_of(args) -> list[str]:

@@ -104,7 +104,7 @@ def _train_group(base, unet, layout, linears, train_cfg, group, ctx, options) ->
     K = len(group)
     shapes = module_shapes(layout)
     gens = [identity_generator(train_cfg.seed, p.seed) for p in group]
-    inits = [init_lora_A(layout, shapes, g) for g in gens]
+    inits = [init_lora_A(layout, shapes, g, train_cfg) for g in gens]
 
     A_params, B_params, params = {}, {}, []
     for m in layout.modules:

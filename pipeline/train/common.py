@@ -148,8 +148,18 @@ def identity_generator(train_seed: int, identity_seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def init_lora_A(layout: LoraLayout, module_shapes: dict[str, tuple[int, int]], gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """lora_A for each adapted module (layout order): normal, std 1/rank (peft's gaussian init). B = 0."""
+def init_lora_A(
+    layout: LoraLayout, module_shapes: dict[str, tuple[int, int]], gen: torch.Generator, train_cfg=None
+) -> dict[str, torch.Tensor]:
+    """lora_A for each adapted module (layout order): normal, std 1/rank (peft's gaussian init). B = 0.
+
+    With `train.shared_init` (the default) every identity starts from the same A, drawn from a
+    generator seeded by train.seed alone: the rows of the store then differ by what training
+    learned, not by each model's random initialisation, which would otherwise dominate the PCA.
+    Otherwise A comes from the identity's own generator `gen`.
+    """
+    if train_cfg is not None and getattr(train_cfg, "shared_init", False):
+        gen = identity_generator(train_cfg.seed, -1)
     out = {}
     for module in layout.modules:
         in_features, _ = module_shapes[module]

@@ -72,7 +72,7 @@ def train_reference(base, layout: LoraLayout, train_cfg, prepared: PreparedIdent
 def _train(base, unet, layout, train_cfg, prepared, ctx, sync_loss) -> TrainResult:
     device = base.device
     gen = identity_generator(train_cfg.seed, prepared.seed)
-    A_init = init_lora_A(layout, module_shapes(layout), gen)
+    A_init = init_lora_A(layout, module_shapes(layout), gen, train_cfg)
     params = []
     for module_name in layout.modules:
         module = unet.get_submodule(module_name)
