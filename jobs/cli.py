@@ -117,8 +117,10 @@ def _is_user_error(err: Exception) -> bool:
     from pipeline.config import ConfigError
     from pipeline.data.source import IdentityDataError
     from w2w_core.layout import LayoutMismatchError
+    from w2w_core.render import ImageError
 
-    known = (UserError, ConfigError, StoreError, IdentityDataError, LayoutMismatchError, FileNotFoundError, FileExistsError)
+    known = (UserError, ConfigError, StoreError, IdentityDataError, LayoutMismatchError, ImageError,
+             FileNotFoundError, FileExistsError)
     return isinstance(err, known)
 
 

@@ -114,6 +114,10 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+class ImageError(ValueError):
+    """An input image cannot be read; the message names the file."""
+
+
 def load_image(image, resolution: int) -> torch.Tensor:
     """A path or PIL image -> (3, resolution, resolution) in [-1, 1]; a clear error for bad files."""
     if isinstance(image, Image.Image):
@@ -128,7 +132,7 @@ def load_image(image, resolution: int) -> torch.Tensor:
             opened.load()
             return pil_to_tensor(opened, resolution)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read image {path}: {err} (is it a valid PNG/JPEG file?)") from None
+        raise ImageError(f"cannot read image {path}: {err} (is it a valid PNG/JPEG file?)") from None
 
 
 def pil_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attribute", action="append", default=None, metavar="NAME",
                         help="attribute to sweep (repeatable; default: every attribute with a direction)")
     parser.add_argument("--strengths", default="-2,-1,0,1,2",
-                        help="comma-separated strengths in units of each direction's calibrated sigma (default -2,-1,0,1,2)")
+                        help="comma-separated strengths in units of each direction's calibrated sigma; "
+                             "write --strengths=-2,0,2 when the first is negative (default -2,-1,0,1,2)")
     parser.add_argument("--compose", action="append", default=None, metavar="A=S,B=S",
                         help='a composed edit rendered as its own row, e.g. "beard=1,young=-1" (repeatable)')
     add_render_arguments(parser, default_out="edit.png")
@@ -91,7 +92,7 @@ def run(args) -> int:
         for edits in composed:
             rows.append([render(space.edit(vec, {k: s * v for k, v in edits.items()})) for s in strengths])
             row_labels.append("+".join(edits))
-    col_labels = [f"{s:+g}σ" for s in strengths]
+    col_labels = [f"{s:+g} sd" for s in strengths]
     path = save_png(grid(rows, row_labels=row_labels, col_labels=col_labels), args.grid)
     print(f"wrote {path} (model: {label}; composed rows scale every listed strength by the column)")
     return 0

@@ -163,7 +163,7 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
             "prompt_cases": len(prompt_success),
         }
     numbers["editing"] = edit_stats
-    grid(edit_grid_rows, row_labels=edit_grid_labels, col_labels=["-2σ", "-1σ", "0", "+1σ", "+2σ"]).save(report_dir / "editing.png")
+    grid(edit_grid_rows, row_labels=edit_grid_labels, col_labels=["-2 sd", "-1 sd", "0", "+1 sd", "+2 sd"]).save(report_dir / "editing.png")
 
     # ------------------------------------------------------------------ inversion
     log("report: inversion")
@@ -194,6 +194,14 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
     grid(inv_rows, row_labels=[f"held-out {h}" for h in range(len(inv_rows))],
          col_labels=["input", "w2w s0", "w2w s1", "w2w s2", "LoRA s0", "LoRA s1", "LoRA s2"]).save(report_dir / "inversion.png")
 
+    # ------------------------------------------------------------------ the weight space itself
+    log("report: weight space")
+    numbers["weight_space"] = {
+        "explained_variance_first5": [float(v) for v in (space.explained_variance_ratio[:5] if space.explained_variance_ratio is not None else [])],
+        "heldout_attribute_accuracy": heldout_attribute_accuracy(space, attributes),
+        "lora_effect": lora_effect(render, space, [true_vector(i) for i in range(min(4, len(space.identities)))]),
+    }
+
     # ------------------------------------------------------------------ PC scatter
     _scatter(space, attributes[0] if attributes else None, report_dir / "pc_scatter.png")
     render.close()
@@ -204,6 +212,41 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
     path.write_text("\n".join(md) + "\n")
     log(f"report: written to {path} in {numbers['seconds']:.0f}s")
     return path
+
+
+def heldout_attribute_accuracy(space, attributes: list[str], folds: int = 4) -> dict[str, dict[str, float]]:
+    """Does the weight space encode attributes? k-fold accuracy of the published linear recipe
+    (least-squares direction in PC space, threshold at the training midpoint) on models it was not fitted on."""
+    from w2w_core.directions import fit_lstsq
+
+    coeffs = space.coefficients.numpy().astype(np.float64)
+    order = np.random.default_rng(0).permutation(len(coeffs))
+    out = {}
+    for attr in attributes:
+        labels = space.labels[attr].numpy()
+        correct = []
+        for f in range(folds):
+            test = order[f::folds]
+            train = np.setdiff1d(order, test)
+            if len(np.unique(labels[train])) < 2:
+                continue
+            w = fit_lstsq(coeffs[train], labels[train])
+            score = coeffs @ w
+            threshold = (score[train][labels[train] == 1].mean() + score[train][labels[train] == 0].mean()) / 2
+            correct.extend(((score[test] > threshold) == (labels[test] == 1)).tolist())
+        majority = max(labels.mean(), 1 - labels.mean())
+        out[attr] = {"accuracy": float(np.mean(correct)) if correct else float("nan"), "majority_baseline": float(majority)}
+    return out
+
+
+def lora_effect(render, space, vectors: list[torch.Tensor]) -> dict[str, float]:
+    """How much the LoRAs change renders: mean |pixel difference| (images in [-1, 1]) of a model vs
+    the bare base model, and between two models, at the same noise seed."""
+    zero = render(torch.zeros(space.layout.numel), [INSTANCE_PROMPT], [0])
+    imgs = [render(v, [INSTANCE_PROMPT], [0]) for v in vectors]
+    vs_base = float(np.mean([(im - zero).abs().mean().item() for im in imgs]))
+    between = float(np.mean([(imgs[i] - imgs[i + 1]).abs().mean().item() for i in range(len(imgs) - 1)])) if len(imgs) > 1 else float("nan")
+    return {"model_vs_base": vs_base, "model_vs_model": between}
 
 
 def _with_steps(train_cfg, steps: int):
@@ -265,6 +308,19 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         f"| ceiling: a real image of the same identity | {inv['same_identity_real']:.3f} | |",
         f"| floor: a real image of another identity | {inv['other_identity_real']:.3f} | |",
         "", "![inversion](inversion.png)", "",
-        "## The space", "", "![pc scatter](pc_scatter.png)", "",
+        "## The weight space", "",
+        "Held-out accuracy of the published linear recipe (least-squares direction in PC space), "
+        "4-fold over the training models, against always guessing the majority label:", "",
+        "| attribute | held-out accuracy | majority baseline |", "|---|---|---|",
+    ]
+    ws = numbers["weight_space"]
+    for a, v in ws["heldout_attribute_accuracy"].items():
+        lines.append(f"| {a} | {v['accuracy']:.2f} | {v['majority_baseline']:.2f} |")
+    effect = ws["lora_effect"]
+    lines += [
+        "", f"First PCs explain {', '.join(f'{v:.3f}' for v in ws['explained_variance_first5'])} of the variance. "
+        f"How much a trained LoRA changes a render (mean |pixel difference|, images in [-1, 1], same noise): "
+        f"model vs base model {effect['model_vs_base']:.3f}, model vs another model {effect['model_vs_model']:.3f}.", "",
+        "![pc scatter](pc_scatter.png)", "",
     ]
     return lines
