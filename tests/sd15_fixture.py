@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from w2w_core.model import SD15_UNET, save_components, tiny_tokenizer
+from w2w_core.model import SD15_UNET, clip_text_encoder, save_components, tiny_tokenizer
 
 SD15_CHANNELS = (320, 640, 1280, 1280)
 SMALL_CHANNELS = (32, 64, 128, 128)
@@ -78,22 +78,14 @@ def sd15_lora_numel(block_out_channels=SD15_CHANNELS, cross_attention_dim=CROSS_
 def sd15_components(seed: int = 0, block_out_channels=SMALL_CHANNELS) -> dict:
     """Randomly initialised SD1.5-architecture components (float32)."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()  # word-level, built in code (no download); CLIP's 77-token context
     tokenizer.model_max_length = TEXT_MAX_TOKENS
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **SMALL_TEXT,
-    )
     return dict(
         unet=UNet2DConditionModel(**sd15_unet_config(block_out_channels)),
         vae=AutoencoderKL(**SMALL_VAE),
-        text_encoder=CLIPTextModel(text_config),
+        text_encoder=clip_text_encoder(tokenizer, **SMALL_TEXT),
         tokenizer=tokenizer,
         # SD1.5's shipped scheduler config
         scheduler=PNDMScheduler(

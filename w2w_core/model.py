@@ -301,24 +301,31 @@ def tiny_tokenizer():
     )
 
 
+def clip_text_encoder(tokenizer, **config):
+    """A randomly initialised CLIPTextModel sized by `config` whose special tokens match `tokenizer`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **config,
+        )
+    )
+
+
 def tiny_components(seed: int = 0) -> dict:
     """Randomly initialised tiny components (the starting point of pretraining; also test fixtures)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **TINY_TEXT,
-    )
     return dict(
         unet=UNet2DConditionModel(**TINY_UNET),
         vae=AutoencoderKL(**TINY_VAE),
-        text_encoder=CLIPTextModel(text_config),
+        text_encoder=clip_text_encoder(tokenizer, **TINY_TEXT),
         tokenizer=tokenizer,
         scheduler=DDPMScheduler(
             num_train_timesteps=1000,

@@ -136,8 +136,13 @@ def load_image(image, resolution: int) -> torch.Tensor:
 
 
 def pil_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """PIL image -> (3, resolution, resolution) in [-1, 1]."""
-    image = image.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+    """PIL image -> (3, resolution, resolution) in [-1, 1]; non-square images are centre-cropped."""
+    image = image.convert("RGB")
+    if image.size != (resolution, resolution):
+        w, h = image.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
 
 

@@ -85,9 +85,7 @@ class IdentitySource:
 
     def load_images(self, identity_id: str, n: int, resolution: int):
         """The first `n` images (sorted), RGB, resized to resolution x resolution -> (k, 3, r, r) in [-1, 1]."""
-        import numpy as np
         import torch
-        from PIL import Image
 
         paths = self.image_paths(identity_id)[:n]
         if not paths:
@@ -95,25 +93,12 @@ class IdentitySource:
                 f"identity {identity_id!r} has no images in {self.root / identity_id} "
                 f"(looked for {', '.join(IMAGE_SUFFIXES)}); add images or remove the row"
             )
-        arrays = []
+        from w2w_core.render import ImageError, load_image
+
+        images = []
         for p in paths:
             try:
-                with Image.open(p) as im:
-                    im = im.convert("RGB")
-                    if im.size != (resolution, resolution):
-                        im = _center_square(im).resize((resolution, resolution), Image.BICUBIC)
-                    arrays.append(np.asarray(im, dtype=np.uint8))
-            except Exception as err:  # noqa: BLE001
-                raise IdentityDataError(
-                    f"cannot read image {p} of identity {identity_id!r} ({type(err).__name__}: {err}); "
-                    "replace or delete the file"
-                ) from err
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-        return x.div(127.5).sub(1.0)
-
-
-def _center_square(im):
-    w, h = im.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return im.crop((left, top, left + s, top + s))
+                images.append(load_image(p, resolution))
+            except ImageError as err:
+                raise IdentityDataError(f"{err} (identity {identity_id!r}); replace or delete the file") from err
+        return torch.stack(images)
