@@ -94,7 +94,10 @@ def main(argv=None) -> int:
         half = out.with_name(out.name + "-interrupted")
         proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "build", str(REPO / "conf/tiny.yaml"),
                                  *overrides(args, half), "--no-progress"], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                # A shell's background job inherits SIGINT ignored, and Python then never
+                                # raises KeyboardInterrupt: restore the default so the interrupt lands.
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         target = plan.n_shards // 2
         while proc.poll() is None:
             d = half / "shards"
