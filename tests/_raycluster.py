@@ -111,3 +111,35 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+def running_worker_pid(out: Path):
+    """pid of a worker that is training a shard of the build at `out` (from its progress file)."""
+    import json
+
+    prog = out / "progress"
+    for p in sorted(prog.glob("0*.json")) if prog.exists() else []:
+        try:
+            rec = json.loads(p.read_text())
+        except (json.JSONDecodeError, FileNotFoundError):
+            continue
+        if rec.get("state") == "running" and not (out / "shards" / p.name).exists():
+            return rec["pid"]
+    return None
+
+
+def build_killing_a_worker(build_args: list[str], out: Path, env: dict, cwd, timeout: float = 180):
+    """Run `w2w build ...`, SIGKILL one worker process mid-shard, return (returncode, stdout, stderr)."""
+    import signal
+
+    proc = subprocess.Popen([f"{VENV_BIN}/w2w", "build", *build_args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = wait_for(lambda: running_worker_pid(out) or proc.poll() is not None, timeout=timeout)
+        assert proc.poll() is None, proc.communicate()
+        os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, stdout, stderr

@@ -8,10 +8,7 @@ uninterrupted reference build of the same config.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ import pytest
 
 from pipeline.config import load_config
 
-from _raycluster import VENV_BIN, RayCluster, w2w, wait_for
+from _raycluster import RayCluster, build_killing_a_worker, w2w
 
 pytestmark = pytest.mark.slow
 
@@ -96,18 +93,6 @@ def assert_same_store(out: Path, ref: Path) -> None:
         np.testing.assert_array_equal(x[row], synthetic_vector(ident, store.numel, 0))
 
 
-def running_worker_pid(out: Path):
-    prog = out / "progress"
-    for p in sorted(prog.glob("0*.json")) if prog.exists() else []:
-        try:
-            rec = json.loads(p.read_text())
-        except (json.JSONDecodeError, FileNotFoundError):
-            continue
-        if rec.get("state") == "running" and not (out / "shards" / p.name).exists():
-            return rec["pid"]
-    return None
-
-
 def test_reference_build_and_config_refusal(cluster, source, reference):
     st = w2w("status", str(reference), "--json", env=cluster.env, cwd=REPO)
     data = json.loads(st.stdout)
@@ -126,21 +111,10 @@ def test_reference_build_and_config_refusal(cluster, source, reference):
 
 def test_sigkill_worker_then_resume(cluster, source, reference, tmp_path):
     out = tmp_path / "store"
-    proc = subprocess.Popen(
-        [f"{VENV_BIN}/w2w", "build", "conf/tiny.yaml",
-         *overrides(cluster, source, out, **{"build.synthetic_delay_s": 1.5, "build.max_restarts": 0,
-                                             "build.max_task_retries": 0}), "--no-progress"],
-        env=cluster.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        pid = wait_for(lambda: running_worker_pid(out) or proc.poll() is not None, timeout=120)
-        assert proc.poll() is None, proc.communicate()
-        os.kill(pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 1, stdout + stderr
+    args = ["conf/tiny.yaml", *overrides(cluster, source, out, **{"build.synthetic_delay_s": 1.5, "build.max_restarts": 0,
+                                                                  "build.max_task_retries": 0}), "--no-progress"]
+    code, stdout, stderr = build_killing_a_worker(args, out, cluster.env, REPO, timeout=120)
+    assert code == 1, stdout + stderr
     assert "failed" in stdout and "w2w resume" in stdout
     st = json.loads(w2w("status", str(out), "--json", env=cluster.env, cwd=REPO).stdout)
     assert st["shards"]["done"] < st["shards"]["total"]
@@ -152,21 +126,10 @@ def test_sigkill_worker_then_resume(cluster, source, reference, tmp_path):
 
 def test_sigkill_worker_ray_restarts_it(cluster, source, reference, tmp_path):
     out = tmp_path / "store"
-    proc = subprocess.Popen(
-        [f"{VENV_BIN}/w2w", "build", "conf/tiny.yaml",
-         *overrides(cluster, source, out, **{"build.synthetic_delay_s": 1.0, "build.max_restarts": 2,
-                                             "build.max_task_retries": 2}), "--no-progress"],
-        env=cluster.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        pid = wait_for(lambda: running_worker_pid(out) or proc.poll() is not None, timeout=120)
-        assert proc.poll() is None, proc.communicate()
-        os.kill(pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=150)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, stdout + stderr
+    args = ["conf/tiny.yaml", *overrides(cluster, source, out, **{"build.synthetic_delay_s": 1.0, "build.max_restarts": 2,
+                                                                  "build.max_task_retries": 2}), "--no-progress"]
+    code, stdout, stderr = build_killing_a_worker(args, out, cluster.env, REPO, timeout=150)
+    assert code == 0, stdout + stderr
     assert_same_store(out, reference)
 
 

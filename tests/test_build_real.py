@@ -13,15 +13,12 @@ and gets the actor's bytes.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _raycluster import VENV_BIN, RayCluster, w2w, wait_for
+from _raycluster import RayCluster, build_killing_a_worker, w2w
 
 pytestmark = pytest.mark.slow
 REPO = str(Path(__file__).resolve().parents[1])
@@ -80,18 +77,6 @@ def store_bytes(out: Path) -> dict:
             "manifest": store.manifest()}
 
 
-def running_worker_pid(out: Path):
-    prog = out / "progress"
-    for p in sorted(prog.glob("0*.json")) if prog.exists() else []:
-        try:
-            rec = json.loads(p.read_text())
-        except (json.JSONDecodeError, FileNotFoundError):
-            continue
-        if rec.get("state") == "running" and not (out / "shards" / p.name).exists():
-            return rec["pid"]
-    return None
-
-
 def test_real_build_quarantines_corrupt_image(reference):
     from pipeline.build.store import WeightStore
 
@@ -133,19 +118,10 @@ def test_trainer_is_deterministic_across_processes(cluster, source, reference):
 def test_sigkill_real_worker_then_resume_is_byte_identical(cluster, source, reference, tmp_path):
     out = tmp_path / "store"
     # synthetic_delay_s (execution-only) holds each shard a few seconds so the kill lands mid-shard
-    cmd = [f"{VENV_BIN}/w2w", "build", "conf/tiny.yaml",
-           *overrides(cluster, source, out, **{"build.synthetic_delay_s": 3, "build.max_restarts": 0,
-                                               "build.max_task_retries": 0}), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=cluster.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        pid = wait_for(lambda: running_worker_pid(out) or proc.poll() is not None, timeout=180)
-        assert proc.poll() is None, proc.communicate()
-        os.kill(pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 1, stdout + stderr
+    args = ["conf/tiny.yaml", *overrides(cluster, source, out, **{"build.synthetic_delay_s": 3, "build.max_restarts": 0,
+                                                                  "build.max_task_retries": 0}), "--no-progress"]
+    code, stdout, stderr = build_killing_a_worker(args, out, cluster.env, REPO, timeout=180)
+    assert code == 1, stdout + stderr
     st = json.loads(w2w("status", str(out), "--json", env=cluster.env, cwd=REPO).stdout)
     assert st["shards"]["done"] < st["shards"]["total"]
     res = w2w("resume", str(out), "build.synthetic_delay_s=0", env=cluster.env, cwd=REPO, timeout=300)

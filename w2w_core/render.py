@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import peft
 import torch
 from PIL import Image, ImageDraw
 

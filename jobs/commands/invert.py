@@ -25,7 +25,6 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    import torch
     from safetensors.torch import save_file
 
     from jobs.cli import UserError

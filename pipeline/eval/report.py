@@ -272,7 +272,7 @@ def _scatter(space, attribute: str | None, path: Path) -> None:
     ax.scatter(coeffs[:, 0], coeffs[:, 1], c=colours, cmap="coolwarm", s=8)
     ax.set_xlabel("PC1")
     ax.set_ylabel("PC2")
-    ax.set_title(f"training models on PC1/PC2" + (f", coloured by {attribute}" if attribute else ""))
+    ax.set_title("training models on PC1/PC2" + (f", coloured by {attribute}" if attribute else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
