@@ -120,3 +120,23 @@ def test_cli_errors_are_clear(built, tmp_path, capsys):
     assert "999" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "no_such_build")]) == 2
     assert "no subspace" in capsys.readouterr().err
+
+
+def test_report_measures_and_writes(built):
+    """`w2w report` end to end at a small size: every section measured, files written."""
+    import json
+
+    out, _ = built
+    assert main(["report", str(out), "--sample-models", "2", "--edit-models", "2", "--invert-identities", "1",
+                 "--invert-steps", "3", "--render-steps", "2", "--attribute", "male", "--attribute", "beard"]) == 0
+    report = out / "report"
+    numbers = json.loads((report / "report.json").read_text())
+    assert set(numbers) >= {"sampling", "editing", "inversion", "weight_space"}
+    assert set(numbers["editing"]) == {"male", "beard"}
+    for key in ("w2w", "lora", "same_identity_real", "other_identity_real"):
+        assert -1.0 <= numbers["inversion"][key] <= 1.0
+    # The ceiling (a real image of the same identity) is above the floor (another identity).
+    assert numbers["inversion"]["same_identity_real"] > numbers["inversion"]["other_identity_real"]
+    for name in ("report.md", "sampling.png", "editing.png", "inversion.png", "pc_scatter.png"):
+        assert (report / name).stat().st_size > 0
+    assert "| male |" in (report / "report.md").read_text()

@@ -167,24 +167,31 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
 
     # ------------------------------------------------------------------ inversion
     log("report: inversion")
-    from pipeline.train import IdentityInput, train_identities
     from pipeline.config import from_dict
+    from pipeline.train import IdentityInput, load_class_latents, train_identities
 
     cfg = from_dict(store.attrs["config"])
-    inv_rows, inv_stats = [], {"w2w": [], "lora": [], "w2w_seconds": [], "lora_seconds": [], "same_identity_real": [], "other_identity_real": []}
+    train_cfg = _with_steps(cfg.train, settings.invert_steps)
+    class_latents = load_class_latents(store.class_latents_path) if train_cfg.prior_loss_weight > 0 else None
+    # Fit both methods on the bare base model (no render adapter attached), then render.
+    render.close()
+    fits = []
     for h in range(settings.invert_identities):
         images = to_tensor(render_identity(settings.heldout_seed, h, 6))
+        result = space.invert(images[0], steps=settings.invert_steps, lr=settings.invert_lr, seed=settings.seed, base=base)
+        t0 = time.perf_counter()
+        single = train_identities(base, space.layout, train_cfg, [IdentityInput(f"heldout{h}", images[:1], seed=h)],
+                                  trainer="batched", class_latents=class_latents)[0]
+        fits.append((images, result, single, time.perf_counter() - t0))
+    render = Renderer(base, space.layout, settings.render_steps)
+    inv_rows, inv_stats = [], {"w2w": [], "lora": [], "w2w_seconds": [], "lora_seconds": [], "same_identity_real": [], "other_identity_real": []}
+    for h, (images, result, single, lora_seconds) in enumerate(fits):
         other = to_tensor(render_identity(settings.heldout_seed + 1, h, 1))
         target = evaluators.embed(images[1:])  # the other images of this identity
-        result = space.invert(images[0], steps=settings.invert_steps, lr=settings.invert_lr, seed=settings.seed, base=base)
         renders = render(result.vector, [INSTANCE_PROMPT] * 3, [0, 1, 2])
         inv_stats["w2w"].append(_cos(evaluators.embed(renders)[:, None], target[None]).mean().item())
         inv_stats["w2w_seconds"].append(result.seconds)
-        t0 = time.perf_counter()
-        train_cfg = cfg.train
-        single = train_identities(base, space.layout, _with_steps(train_cfg, settings.invert_steps),
-                                  [IdentityInput(f"heldout{h}", images[:1], seed=h)], trainer="batched")[0]
-        inv_stats["lora_seconds"].append(time.perf_counter() - t0)
+        inv_stats["lora_seconds"].append(lora_seconds)
         lora_renders = render(single.vector, [INSTANCE_PROMPT] * 3, [0, 1, 2]) if single.vector is not None else renders * 0
         inv_stats["lora"].append(_cos(evaluators.embed(lora_renders)[:, None], target[None]).mean().item())
         inv_stats["same_identity_real"].append(_cos(evaluators.embed(images[:1]), target).mean().item())
