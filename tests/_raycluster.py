@@ -143,3 +143,24 @@ def build_killing_a_worker(build_args: list[str], out: Path, env: dict, cwd, tim
         if proc.poll() is None:
             proc.kill()
     return proc.returncode, stdout, stderr
+
+
+def assert_same_store_bytes(out: Path, ref: Path) -> None:
+    """The store at `out` equals the one at `ref` byte for byte: every shard's chunk file, marker
+    checksum, quarantine list and losses, the manifest, and the class latents where a build wrote them."""
+    from pipeline.build.store import WeightStore
+
+    got, want = WeightStore.open(str(out), mode="r"), WeightStore.open(str(ref), mode="r")
+    got_markers, want_markers = got.markers(), want.markers()
+    assert sorted(want_markers) == list(range(want.n_shards)), "the reference build is not finished"
+    assert sorted(got_markers) == sorted(want_markers), "finished shards differ"
+    for s, m in want_markers.items():
+        g = got_markers[s]
+        assert g.checksum == m.checksum, f"shard {s} checksum differs"
+        assert Path(got.chunk_path(s)).read_bytes() == Path(want.chunk_path(s)).read_bytes(), f"shard {s} chunk bytes differ"
+        assert (g.quarantined, g.losses) == (m.quarantined, m.losses), f"shard {s} quarantine/losses differ"
+    assert got.manifest().equals(want.manifest()), "manifests differ"
+    latents = [Path(st.class_latents_path) for st in (got, want)]
+    assert [p.exists() for p in latents] == [latents[1].exists()] * 2, "class latents written by one build only"
+    if latents[1].exists():
+        assert latents[0].read_bytes() == latents[1].read_bytes(), "class latents differ"

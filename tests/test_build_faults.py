@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.config import load_config
 
-from _raycluster import RayCluster, build_killing_a_worker, w2w
+from _raycluster import RayCluster, assert_same_store_bytes, build_killing_a_worker, w2w
 
 pytestmark = pytest.mark.slow
 
@@ -65,26 +65,12 @@ def reference(cluster, source, tmp_path_factory):
     return out
 
 
-def store_bytes(out: Path) -> dict:
-    from pipeline.build.store import WeightStore
-
-    store = WeightStore.open(str(out), mode="r")
-    markers = store.markers()
-    assert sorted(markers) == list(range(store.n_shards))
-    return {s: (Path(store.chunk_path(s)).read_bytes(), markers[s].checksum) for s in range(store.n_shards)}
-
-
 def assert_same_store(out: Path, ref: Path) -> None:
     from pipeline.build.store import WeightStore
     from pipeline.build.worker import synthetic_vector
 
-    got, want = store_bytes(out), store_bytes(ref)
-    assert got.keys() == want.keys()
-    for s in want:
-        assert got[s][1] == want[s][1], f"shard {s} checksum differs"
-        assert got[s][0] == want[s][0], f"shard {s} chunk bytes differ"
+    assert_same_store_bytes(out, ref)
     store = WeightStore.open(str(out), mode="r")
-    assert store.manifest().equals(WeightStore.open(str(ref), mode="r").manifest())
     # zero missing and zero duplicate rows: every row holds exactly its own identity's vector
     ids = store.manifest().column("identity").to_pylist()
     x = np.asarray(store.array[:])

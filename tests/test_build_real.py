@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _raycluster import RayCluster, build_killing_a_worker, w2w
+from _raycluster import RayCluster, assert_same_store_bytes, build_killing_a_worker, w2w
 
 pytestmark = pytest.mark.slow
 REPO = str(Path(__file__).resolve().parents[1])
@@ -63,18 +63,6 @@ def reference(cluster, source, tmp_path_factory):
               env=cluster.env, cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     return out
-
-
-def store_bytes(out: Path) -> dict:
-    from pipeline.build.store import WeightStore
-
-    store = WeightStore.open(str(out), mode="r")
-    markers = store.markers()
-    assert sorted(markers) == list(range(store.n_shards))
-    chunks = {s: (Path(store.chunk_path(s)).read_bytes(), markers[s].checksum, markers[s].quarantined,
-                  markers[s].losses) for s in markers}
-    return {"chunks": chunks, "class_latents": Path(store.class_latents_path).read_bytes(),
-            "manifest": store.manifest()}
 
 
 def test_real_build_quarantines_corrupt_image(reference):
@@ -126,11 +114,4 @@ def test_sigkill_real_worker_then_resume_is_byte_identical(cluster, source, refe
     assert st["shards"]["done"] < st["shards"]["total"]
     res = w2w("resume", str(out), "build.synthetic_delay_s=0", env=cluster.env, cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    got, want = store_bytes(out), store_bytes(reference)
-    assert got["class_latents"] == want["class_latents"]
-    assert got["manifest"].equals(want["manifest"])
-    assert got["chunks"].keys() == want["chunks"].keys()
-    for s in want["chunks"]:
-        assert got["chunks"][s][1] == want["chunks"][s][1], f"shard {s} checksum differs"
-        assert got["chunks"][s][0] == want["chunks"][s][0], f"shard {s} chunk bytes differ"
-        assert got["chunks"][s][2:] == want["chunks"][s][2:], f"shard {s} quarantine/losses differ"
+    assert_same_store_bytes(out, reference)

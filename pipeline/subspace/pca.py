@@ -182,13 +182,25 @@ def gram_pca(z, k: int, memory_budget_bytes: int = 2 << 30, progress=None):
 
 
 def randomized_pca(z, k: int, power_iterations: int = 2, seed: int = 0, oversamples: int = 10, progress=None):
-    """Randomized SVD (dask svd_compressed), then an exact projection pass for the coefficients."""
+    """Randomized SVD (dask svd_compressed), then an exact projection pass for the coefficients.
+
+    `pca_of_array` passes a float32 `z` (the stored subspace is float32 anyway): each pass of
+    svd_compressed materialises a D x (K + oversamples) partial product per row block, 0.8 GB at
+    K = 1,000 in float64, and with dask's default reduction (4 partials concatenated at a time)
+    that pushed the peak RSS past 6 GB. float32 needs QR re-orthonormalisation between power
+    iterations (iterator="QR"): plain power iterations amplify by (s_1/s_K)^(2q+1), beyond
+    float32's precision for slowly decaying spectra. Coefficients are accumulated in float64.
+    """
+    import dask
     import dask.array as da
 
     t0 = time.time()
-    _, s, v = da.linalg.svd_compressed(
-        z, k=k, n_power_iter=power_iterations, n_oversamples=oversamples, seed=seed, compute=True
-    )
+    # split_every=2: the tree reduction concatenates split_every partials (default 4) before summing them
+    with dask.config.set(split_every=2):
+        _, s, v = da.linalg.svd_compressed(
+            z, k=k, iterator="QR", n_power_iter=power_iterations,
+            n_oversamples=oversamples, seed=seed, compute=True,
+        )
     s, vt = (np.asarray(a) for a in da.compute(s, v))
     _say(progress, f"randomized: svd_compressed done ({time.time() - t0:.1f}s)")
     vt = vt.astype(np.float64)
@@ -230,7 +242,8 @@ def pca_of_array(
     std, n_zero = guard_std(std_raw)
     timings["stats_s"] = time.time() - t0
     _say(progress, f"statistics done in {timings['stats_s']:.1f}s ({n_zero} constant dims, std set to 1)")
-    z = standardize(xs, mean, std)
+    # the randomized sketch runs in float32 (see randomized_pca); Gram accumulates in float64
+    z = standardize(xs, mean, std, dtype=np.float32 if method == "randomized" else np.float64)
     t1 = time.time()
     if method == "gram":
         vt, s, coeffs = gram_pca(z, k, memory_budget_bytes=memory_budget_bytes, progress=progress)
