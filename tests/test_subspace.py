@@ -78,6 +78,20 @@ def test_bad_k_and_missing_store(tmp_path, data):
         compute_subspace(str(tmp_path / "nowhere"), 2, progress=None)
 
 
+def test_gram_refused_before_streaming_when_its_matrices_cannot_fit():
+    import dask.array as da
+
+    from pipeline.subspace.pca import check_gram_memory, pca_of_array
+
+    # a lazy 1,000,000-model array: the Gram route would need 4 x 8 TB; nothing may be computed
+    x = da.full((1_000_000, 4), np.nan, chunks=(1000, 4))
+    with pytest.raises(SubspaceError, match=r"needs about .* GiB for N=1000000.*--method randomized"):
+        pca_of_array(x, np.arange(1_000_000), 2, method="gram")
+    with pytest.raises(SubspaceError, match="0.0 GiB of memory is available"):
+        check_gram_memory(100, available=4096)
+    check_gram_memory(100, available=4 * 100 * 100 * 8)  # exactly enough: accepted
+
+
 def test_zero_std_dimension_is_guarded(tmp_path, data):
     x, labels, _ = data
     x = x.copy()
