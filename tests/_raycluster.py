@@ -31,7 +31,7 @@ def make_token(path: Path) -> Path:
 
 
 class RayCluster:
-    def __init__(self, root: Path, num_cpus: int = 2, dashboard: bool = False):
+    def __init__(self, root: Path, num_cpus: int = 2, dashboard: bool = False, extra_env: dict | None = None):
         # Unix socket paths must stay short: keep the session dir under /tmp.
         import tempfile
 
@@ -47,6 +47,7 @@ class RayCluster:
             RAY_USAGE_STATS_ENABLED="0",
             PYTHONUNBUFFERED="1",
         )
+        self.env.update(extra_env or {})  # e.g. object-store credentials: every Ray worker inherits them
         cmd = [
             f"{VENV_BIN}/ray", "start", "--head", "--num-cpus", str(num_cpus), "--port", str(self.port),
             "--node-ip-address", "127.0.0.1", "--object-store-memory", str(100 * 1024 * 1024),
@@ -145,9 +146,12 @@ def build_killing_a_worker(build_args: list[str], out: Path, env: dict, cwd, tim
     return proc.returncode, stdout, stderr
 
 
-def assert_same_store_bytes(out: Path, ref: Path) -> None:
+def assert_same_store_bytes(out, ref) -> None:
     """The store at `out` equals the one at `ref` byte for byte: every shard's chunk file, marker
-    checksum, quarantine list and losses, the manifest, and the class latents where a build wrote them."""
+    checksum, quarantine list and losses, the manifest, and the class latents where a build wrote
+    them. `out` and `ref` are local paths or fsspec URLs."""
+    import fsspec
+
     from pipeline.build.store import WeightStore
 
     got, want = WeightStore.open(str(out), mode="r"), WeightStore.open(str(ref), mode="r")
@@ -157,10 +161,39 @@ def assert_same_store_bytes(out: Path, ref: Path) -> None:
     for s, m in want_markers.items():
         g = got_markers[s]
         assert g.checksum == m.checksum, f"shard {s} checksum differs"
-        assert Path(got.chunk_path(s)).read_bytes() == Path(want.chunk_path(s)).read_bytes(), f"shard {s} chunk bytes differ"
+        assert got.fs.cat_file(got.chunk_path(s)) == want.fs.cat_file(want.chunk_path(s)), f"shard {s} chunk bytes differ"
         assert (g.quarantined, g.losses) == (m.quarantined, m.losses), f"shard {s} quarantine/losses differ"
     assert got.manifest().equals(want.manifest()), "manifests differ"
-    latents = [Path(st.class_latents_path) for st in (got, want)]
-    assert [p.exists() for p in latents] == [latents[1].exists()] * 2, "class latents written by one build only"
-    if latents[1].exists():
-        assert latents[0].read_bytes() == latents[1].read_bytes(), "class latents differ"
+    latents = [fsspec.core.url_to_fs(st.class_latents_path) for st in (got, want)]
+    present = [fs.exists(path) for fs, path in latents]
+    assert present[0] == present[1], "class latents written by one build only"
+    if present[1]:
+        assert latents[0][0].cat_file(latents[0][1]) == latents[1][0].cat_file(latents[1][1]), "class latents differ"
+
+
+def s3_server(bucket: str):
+    """Start a moto S3 server in its own process; return (process, env for clients and Ray workers).
+
+    A real S3 cannot exist here: moto serves the S3 REST API over HTTP on localhost, and s3fs /
+    botocore talk to it exactly as to AWS (AWS_ENDPOINT_URL points them at it).
+    """
+    import urllib.request
+
+    port = free_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up():
+        try:
+            urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=1)
+            return True
+        except OSError:
+            return proc.poll() is not None
+
+    wait_for(up, timeout=60)
+    assert proc.poll() is None, "moto server exited"
+    req = urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/{bucket}", method="PUT")  # create the bucket
+    urllib.request.urlopen(req, timeout=10)
+    return proc, env

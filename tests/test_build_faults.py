@@ -16,16 +16,30 @@ import pytest
 
 from pipeline.config import load_config
 
-from _raycluster import RayCluster, assert_same_store_bytes, build_killing_a_worker, w2w
+from _raycluster import RayCluster, assert_same_store_bytes, build_killing_a_worker, s3_server, w2w
 
 pytestmark = pytest.mark.slow
 
 N_IDS, R = 12, 2  # 6 shards
+S3_BUCKET = "w2w-test"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = RayCluster(tmp_path_factory.mktemp("ray"))
+def s3():
+    """A local S3 API (moto server; see _raycluster.s3_server) for build.out=s3://... ; this process
+    and the Ray cluster (so every actor) get its endpoint and credentials."""
+    proc, env = s3_server(S3_BUCKET)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield env
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3):
+    c = RayCluster(tmp_path_factory.mktemp("ray"), extra_env=s3)
     yield c
     c.stop()
 
@@ -65,7 +79,7 @@ def reference(cluster, source, tmp_path_factory):
     return out
 
 
-def assert_same_store(out: Path, ref: Path) -> None:
+def assert_same_store(out, ref) -> None:
     from pipeline.build.store import WeightStore
     from pipeline.build.worker import synthetic_vector
 
@@ -156,13 +170,18 @@ def test_corrupt_identity_is_quarantined(cluster, source, tmp_path):
     assert st["identities"]["quarantined"] == 1 and st["state"] == "complete"
 
 
-def test_file_url_build_status_resume(cluster, source, reference, tmp_path):
-    """build.out as an fsspec URL (file:///abs/path): build, status and resume all take the URL."""
-    from pipeline.build.store import WeightStore
+@pytest.mark.parametrize("scheme", ["file", "s3"])
+def test_url_build_status_resume(cluster, source, reference, tmp_path, scheme):
+    """build.out as an fsspec URL (file:///abs/path, or s3:// on the local S3 API): build, status,
+    resume, pca and WeightSpace.load all take the URL, and the store equals the local-disk build
+    byte for byte."""
+    import dask.array as da
 
-    out = tmp_path / "store"
-    url = out.as_uri()
-    assert url.startswith("file:///")
+    from pipeline.build.store import WeightStore
+    from pipeline.subspace.pca import pca_of_array
+    from w2w_core import WeightSpace
+
+    url = (tmp_path / "store").as_uri() if scheme == "file" else f"s3://{S3_BUCKET}/{tmp_path.name}/store"
     res = build(cluster, source, url)
     assert res.returncode == 0, res.stdout + res.stderr
     store = WeightStore.open(url)
@@ -176,4 +195,12 @@ def test_file_url_build_status_resume(cluster, source, reference, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 to do" in res.stdout
     assert json.loads(w2w("status", url, "--json", env=cluster.env, cwd=REPO).stdout)["state"] == "complete"
-    assert_same_store(out, reference)
+    assert_same_store(url, reference)
+    # the subspace stage and the researcher's API take the same URL
+    res = w2w("pca", url, "--components", "3", env=cluster.env, cwd=REPO)
+    assert res.returncode == 0, res.stdout + res.stderr
+    space = WeightSpace.load(url)
+    ref = pca_of_array(da.from_zarr(WeightStore.open(str(reference)).weights_url, component="weights"),
+                       np.arange(N_IDS), 3, method="gram")
+    np.testing.assert_allclose(space.components.numpy(), ref.components, atol=1e-5)
+    assert space.identities == WeightStore.open(str(reference)).manifest().column("identity").to_pylist()

@@ -79,23 +79,26 @@ class WeightSpace:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, out: str | os.PathLike) -> "WeightSpace":
-        """Read `<out>/subspace/` (written by `w2w pca` / `w2w directions`) and `<out>/manifest.parquet`."""
-        from safetensors.torch import load_file
+        """Read `<out>/subspace/` (written by `w2w pca` / `w2w directions`) and `<out>/manifest.parquet`.
 
-        out = Path(out)
-        sub = out / SUBSPACE_DIR
-        if not (sub / PCA_META).is_file() or not (sub / PCA_FILE).is_file():
-            raise FileNotFoundError(f"no subspace at {sub} (expected {PCA_FILE} and {PCA_META}); run `w2w pca {out}` first")
-        meta = json.loads((sub / PCA_META).read_text())
-        t = load_file(str(sub / PCA_FILE))
+        `out` is a local path or an fsspec URL (s3://..., file://...), like `build.out`."""
+        import fsspec
+        import pyarrow.parquet as pq
+        from safetensors.torch import load as load_safetensors
+
+        fs, root = fsspec.core.url_to_fs(str(out))
+        sub = f"{root.rstrip('/')}/{SUBSPACE_DIR}"
+        if not (fs.isfile(f"{sub}/{PCA_META}") and fs.isfile(f"{sub}/{PCA_FILE}")):
+            raise FileNotFoundError(f"no subspace at {out}/{SUBSPACE_DIR} (expected {PCA_FILE} and {PCA_META}); "
+                                    f"run `w2w pca {out}` first")
+        meta = json.loads(fs.cat_file(f"{sub}/{PCA_META}"))
+        t = load_safetensors(fs.cat_file(f"{sub}/{PCA_FILE}"))
         layout = LoraLayout.from_json(meta["layout"])
         rows = t["rows"].tolist()
         identities, labels = None, {}
-        manifest = out / MANIFEST
-        if manifest.is_file():
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(str(manifest))
+        manifest = f"{root.rstrip('/')}/{MANIFEST}"
+        if fs.isfile(manifest):
+            table = pq.read_table(manifest, filesystem=fs)
             by_row = {int(r): i for i, r in enumerate(table.column("row").to_pylist())}
             idx = [by_row[r] for r in rows]
             ids = table.column("identity").to_pylist()
@@ -105,8 +108,8 @@ class WeightSpace:
                     col = table.column(name).to_pylist()
                     labels[name] = torch.tensor([col[i] for i in idx], dtype=torch.float32)
         directions, strengths = {}, {}
-        if (sub / DIRECTIONS_FILE).is_file():
-            d = load_file(str(sub / DIRECTIONS_FILE))
+        if fs.isfile(f"{sub}/{DIRECTIONS_FILE}"):
+            d = load_safetensors(fs.cat_file(f"{sub}/{DIRECTIONS_FILE}"))
             for key, value in d.items():
                 kind, name = key.split(".", 1)
                 if kind == "direction":
