@@ -55,7 +55,7 @@ def test_dockerfile_structure(name, base):
 
     runs = [a for op, a in ins if op == "RUN"]
     torch_at = next(i for i, r in enumerate(runs) if "torch==${TORCH_VERSION}" in r)
-    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r))
+    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip install (\.|\"\.\[\w+\]\")(\s|$)", r))
     assert torch_at < project_at, "torch must be installed alone, before the project"
     torch_run = runs[torch_at]
     assert "--index-url ${TORCH_INDEX_URL}" in torch_run and " . " not in torch_run + " "
