@@ -92,6 +92,25 @@ def test_gram_refused_before_streaming_when_its_matrices_cannot_fit():
     check_gram_memory(100, available=5 * 100 * 100 * 8)  # exactly enough: accepted
 
 
+@pytest.mark.parametrize("method,pass_name", [("gram", "components pass"), ("randomized", "coefficients pass")])
+def test_long_passes_show_progress_on_stderr(tmp_path, data, capfd, monkeypatch, method, pass_name):
+    """At scale each pass takes minutes: with progress on, dask's bar and the block passes' tqdm
+    bar go to stderr (shown after PROGRESS_BAR_AFTER_S, set to 0 here); quiet runs print nothing."""
+    import pipeline.subspace.pca as pca
+
+    x, labels, _ = data
+    write_store(tmp_path, x, labels)
+    monkeypatch.setattr(pca, "PROGRESS_BAR_AFTER_S", 0.0)
+    messages = []
+    compute_subspace(str(tmp_path), 3, method=method, block_rows=8, progress=messages.append)
+    err = capfd.readouterr().err
+    assert "Completed" in err  # dask.diagnostics.ProgressBar of the statistics pass (and the sketch)
+    assert f"pca: {pass_name}" in err and f"{N}/{N}" in err
+    assert any("statistics done" in m for m in messages)
+    compute_subspace(str(tmp_path), 3, method=method, block_rows=8, progress=None)
+    assert capfd.readouterr().err == ""
+
+
 def test_zero_std_dimension_is_guarded(tmp_path, data):
     x, labels, _ = data
     x = x.copy()

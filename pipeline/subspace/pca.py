@@ -56,6 +56,21 @@ def default_progress(msg: str) -> None:
     print(f"pca: {msg}", file=sys.stderr, flush=True)
 
 
+# dask computations that run longer than this show a progress bar on stderr (when progress is on)
+PROGRESS_BAR_AFTER_S = 5.0
+
+
+def dask_progress_bar(progress):
+    """dask's ProgressBar on stderr for the long passes (minutes at scale), or nothing when quiet."""
+    import contextlib
+
+    from dask.diagnostics import ProgressBar
+
+    if progress is None:
+        return contextlib.nullcontext()
+    return ProgressBar(minimum=PROGRESS_BAR_AFTER_S, dt=1.0, out=sys.stderr)
+
+
 # ---------------------------------------------------------------------- dask pieces
 def select_rows(x, rows: np.ndarray, block_rows: int):
     """Valid rows of the lazy matrix, re-blocked to `block_rows` rows per block."""
@@ -94,17 +109,22 @@ def standardize(x, mean: np.ndarray, std: np.ndarray, dtype=np.float64):
     return ((x.astype(dtype) - mean.astype(dtype)) / std.astype(dtype)).astype(dtype)
 
 
-def iter_blocks(z, lookahead: int = 2):
-    """Yield (start, stop, block ndarray) over the row blocks of z, `lookahead` computed together."""
+def iter_blocks(z, lookahead: int = 2, progress=None, what: str = "pass"):
+    """Yield (start, stop, block ndarray) over the row blocks of z, `lookahead` computed together
+    (a tqdm bar on stderr names the pass when progress is on)."""
     import dask
+    from tqdm import tqdm
 
     starts = np.concatenate([[0], np.cumsum(z.chunks[0])])
     nb = len(z.chunks[0])
-    for i in range(0, nb, lookahead):
-        idx = list(range(i, min(nb, i + lookahead)))
-        blocks = dask.compute(*[z.blocks[j] for j in idx])
-        for j, b in zip(idx, blocks):
-            yield int(starts[j]), int(starts[j + 1]), np.asarray(b)
+    with tqdm(total=int(starts[-1]), desc=f"pca: {what}", unit="rows", file=sys.stderr,
+              disable=progress is None, delay=PROGRESS_BAR_AFTER_S) as bar:
+        for i in range(0, nb, lookahead):
+            idx = list(range(i, min(nb, i + lookahead)))
+            blocks = dask.compute(*[z.blocks[j] for j in idx])
+            for j, b in zip(idx, blocks):
+                yield int(starts[j]), int(starts[j + 1]), np.asarray(b)
+                bar.update(int(starts[j + 1] - starts[j]))
 
 
 def fix_signs(components: np.ndarray, coefficients: np.ndarray | None = None):
@@ -205,7 +225,7 @@ def gram_pca(z, k: int, memory_budget_bytes: int = 2 << 30, progress=None):
         raise SubspaceError(f"K={k} exceeds the numerical rank of the data ({int((s > s[0] * 1e-10).sum())})")
     # second pass: components = S^-1 U^T Z
     vt = np.zeros((k, d), dtype=np.float64)
-    for s0, s1, b in iter_blocks(z):
+    for s0, s1, b in iter_blocks(z, progress=progress, what="components pass"):
         vt += u[s0:s1].T @ np.asarray(b, dtype=np.float64)
     vt /= s[:, None]
     _say(progress, f"gram: components recovered ({time.time() - t0:.1f}s)")
@@ -227,7 +247,7 @@ def randomized_pca(z, k: int, power_iterations: int = 2, seed: int = 0, oversamp
 
     t0 = time.time()
     # split_every=2: the tree reduction concatenates split_every partials (default 4) before summing them
-    with dask.config.set(split_every=2):
+    with dask.config.set(split_every=2), dask_progress_bar(progress):
         _, s, v = da.linalg.svd_compressed(
             z, k=k, iterator="QR", n_power_iter=power_iterations,
             n_oversamples=oversamples, seed=seed, compute=True,
@@ -236,7 +256,7 @@ def randomized_pca(z, k: int, power_iterations: int = 2, seed: int = 0, oversamp
     _say(progress, f"randomized: svd_compressed done ({time.time() - t0:.1f}s)")
     vt = vt.astype(np.float64)
     coeffs = np.zeros((int(z.shape[0]), k), dtype=np.float64)
-    for s0, s1, b in iter_blocks(z):
+    for s0, s1, b in iter_blocks(z, progress=progress, what="coefficients pass"):
         coeffs[s0:s1] = np.asarray(b, dtype=np.float64) @ vt.T
     _say(progress, f"randomized: coefficients done ({time.time() - t0:.1f}s)")
     return vt, s.astype(np.float64), coeffs
@@ -265,7 +285,8 @@ def pca_of_array(
     t0 = time.time()
     xs = select_rows(x, rows, block_rows)
     _say(progress, f"statistics: streaming {n} rows x {d} dims in blocks of {block_rows}")
-    mean, std_raw = column_stats(xs, progress)
+    with dask_progress_bar(progress):
+        mean, std_raw = column_stats(xs, progress)
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std_raw))):
         bad = int((~np.isfinite(mean)).sum())
         raise SubspaceError(
