@@ -87,6 +87,18 @@ def lr_at(progress: float, base: float, warmup: float = 0.04) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def annealed_steps(opt, base_lr: float, steps: int, minutes: float):
+    """Yield (step, progress) until the stage's step count or time budget is used up, setting
+    every param group's learning rate for that step first (warmup, then cosine)."""
+    t0 = time.time()
+    step = 0
+    while (progress := _progress(step, steps, t0, minutes)) < 1.0:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(progress, base_lr)
+        yield step, progress
+        step += 1
+
+
 def train_vae(vae, images, args, gen):
     import torch
 
@@ -94,13 +106,8 @@ def train_vae(vae, images, args, gen):
     vae.train()
     n = images.shape[0]
     t0 = time.time()
-    step = 0
-    while True:
-        progress = _progress(step, args.vae_steps, t0, args.vae_minutes)
-        if progress >= 1.0:
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(progress, args.vae_lr)
+    step = -1
+    for step, progress in annealed_steps(opt, args.vae_lr, args.vae_steps, args.vae_minutes):
         idx = torch.randint(0, n, (args.vae_batch,), generator=gen)
         x = images[idx]
         full = progress >= 1.0 - args.vae_full_fraction
@@ -119,8 +126,7 @@ def train_vae(vae, images, args, gen):
         opt.step()
         if step % 25 == 0:
             log(f"vae step {step} ({progress:.0%}) {'full' if full else 'crop'} l1 {rec_loss.item():.4f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)")
-        step += 1
-    args.vae_steps_done = step
+    args.vae_steps_done = step + 1
     vae.eval()
     return time.time() - t0
 
@@ -137,13 +143,8 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, attrs, args, g
     alphas = scheduler.alphas_cumprod
     t0 = time.time()
     ema = None
-    step = 0
-    while True:
-        progress = _progress(step, args.unet_steps, t0, args.unet_minutes)
-        if progress >= 1.0:
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(progress, args.unet_lr)
+    step = -1
+    for step, progress in annealed_steps(opt, args.unet_lr, args.unet_steps, args.unet_minutes):
         idx = torch.randint(0, n, (args.unet_batch,), generator=gen)
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=gen)
@@ -162,8 +163,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, attrs, args, g
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if step % 25 == 0:
             log(f"unet step {step} ({progress:.0%}) loss {ema:.4f} ({time.time() - t0:.0f}s)")
-        step += 1
-    args.unet_steps_done = step
+    args.unet_steps_done = step + 1
     del alphas
     unet.eval()
     text_encoder.eval()
