@@ -187,10 +187,10 @@ def main(argv=None) -> dict:
         sizes = [args.rows] + ([m] if m < args.rows else [])
         for n in sizes:
             for method in args.methods:
-                if method == "gram" and gram_memory_bytes(n) / 2**30 > args.max_gram_gb:
+                gram_gib = gram_memory_bytes(n) / 2**30
+                if method == "gram" and gram_gib > args.max_gram_gb:
                     results["runs"].append({"method": "gram", "rows": n, "skipped":
-                                            f"Gram route peak ~5 N^2 x 8 B = {gram_memory_bytes(n) / 2**30:.1f} GiB "
-                                            f"> --max-gram-gb {args.max_gram_gb}"})
+                                            f"Gram route peak ~5 N^2 x 8 B = {gram_gib:.1f} GiB > --max-gram-gb {args.max_gram_gb}"})
                     continue
                 print(f"running {method} on {n} x {args.dims} ...", file=sys.stderr, flush=True)
                 results["runs"].append(child(["--worker", method, "--subset", str(n), *common]))

@@ -87,7 +87,8 @@ class WeightSpace:
         from safetensors.torch import load as load_safetensors
 
         fs, root = fsspec.core.url_to_fs(str(out))
-        sub = f"{root.rstrip('/')}/{SUBSPACE_DIR}"
+        root = root.rstrip("/")
+        sub = f"{root}/{SUBSPACE_DIR}"
         if not (fs.isfile(f"{sub}/{PCA_META}") and fs.isfile(f"{sub}/{PCA_FILE}")):
             raise FileNotFoundError(f"no subspace at {out}/{SUBSPACE_DIR} (expected {PCA_FILE} and {PCA_META}); "
                                     f"run `w2w pca {out}` first")
@@ -96,7 +97,7 @@ class WeightSpace:
         layout = LoraLayout.from_json(meta["layout"])
         rows = t["rows"].tolist()
         identities, labels = None, {}
-        manifest = f"{root.rstrip('/')}/{MANIFEST}"
+        manifest = f"{root}/{MANIFEST}"
         if fs.isfile(manifest):
             table = pq.read_table(manifest, filesystem=fs)
             by_row = {int(r): i for i, r in enumerate(table.column("row").to_pylist())}

@@ -147,18 +147,6 @@ def check_k(k: int, n: int, d: int) -> None:
         )
 
 
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def gram_memory_bytes(n: int) -> int:
     """Peak of the Gram route: G (N^2 float64) while numpy's eigh (LAPACK syevd) holds a copy
     of G, the eigenvectors and ~2 N^2 of workspace: measured 5.2 N^2 x 8 B at N = 3,000."""
@@ -166,10 +154,13 @@ def gram_memory_bytes(n: int) -> int:
 
 
 def check_gram_memory(n: int, available: int | None = None) -> None:
-    """Refuse the Gram route before streaming anything when its N x N matrices cannot fit."""
-    available = available_memory_bytes() if available is None else available
+    """Refuse the Gram route before streaming anything when its N x N matrices cannot fit
+    (`available` defaults to psutil's available memory: MemAvailable on Linux)."""
+    import psutil
+
+    available = psutil.virtual_memory().available if available is None else available
     need = gram_memory_bytes(n)
-    if available is not None and need > available:
+    if need > available:
         raise SubspaceError(
             f"the exact Gram route needs about {need / 2**30:.1f} GiB for N={n} models (the N x N float64 "
             f"matrix, eigh's copy and workspace) but {available / 2**30:.1f} GiB of memory is available; "
