@@ -42,9 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="", help="also write the numbers to this file")
     args = ap.parse_args(argv)
 
-    from pipeline.build.builder import plan_build, resume_config, run_build
-    from pipeline.build.status import build_status
-    from pipeline.build.store import WeightStore
+    from pipeline.builder.builder import plan_build, resume_config, run_build
+    from pipeline.builder.status import build_status
+    from pipeline.builder.store import WeightStore
     from pipeline.config import load_config
 
     out = Path(args.out).resolve()

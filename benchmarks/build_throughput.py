@@ -1,5 +1,5 @@
 """Build throughput: identities/hour with 1 vs 2 workers, and the Ray/Zarr layer's overhead
-versus calling the same trainer (`pipeline.build.worker.train_shard`) in a plain loop.
+versus calling the same trainer (`pipeline.builder.worker.train_shard`) in a plain loop.
 
     python benchmarks/build_throughput.py --identities 32 train.steps=10            # real batched trainer
     python benchmarks/build_throughput.py --identities 32 build.trainer=synthetic build.synthetic_layout=tiny
@@ -26,8 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
 
-    from pipeline.build.builder import plan_build, run_build
-    from pipeline.build.worker import TrainerContext, train_shard
+    from pipeline.builder.builder import plan_build, run_build
+    from pipeline.builder.worker import TrainerContext, train_shard
     from pipeline.config import load_config
     from pipeline.data.synthfaces import write_identity_source
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         run_build(c, progress_bar=False, log=lambda *a: None)
         wall = time.perf_counter() - t
-        from pipeline.build.store import WeightStore
+        from pipeline.builder.store import WeightStore
 
         ms = list(WeightStore.open(str(out)).markers().values())
         first = min(m.finished_at - m.seconds - m.write_seconds for m in ms)

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(err: Exception) -> bool:
-    from pipeline.build.store import StoreError
+    from pipeline.builder.store import StoreError
     from pipeline.config import ConfigError
     from pipeline.data.source import IdentityDataError
     from w2w_core.layout import LayoutMismatchError

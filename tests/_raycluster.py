@@ -152,7 +152,7 @@ def assert_same_store_bytes(out, ref) -> None:
     them. `out` and `ref` are local paths or fsspec URLs."""
     import fsspec
 
-    from pipeline.build.store import WeightStore
+    from pipeline.builder.store import WeightStore
 
     got, want = WeightStore.open(str(out), mode="r"), WeightStore.open(str(ref), mode="r")
     got_markers, want_markers = got.markers(), want.markers()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.build.store import ShardMarker, WeightStore
+from pipeline.builder.store import ShardMarker, WeightStore
 from w2w_core.layout import LoraLayout
 from w2w_core.model import TINY_UNET
 

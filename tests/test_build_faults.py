@@ -80,8 +80,8 @@ def reference(cluster, source, tmp_path_factory):
 
 
 def assert_same_store(out, ref) -> None:
-    from pipeline.build.store import WeightStore
-    from pipeline.build.worker import synthetic_vector
+    from pipeline.builder.store import WeightStore
+    from pipeline.builder.worker import synthetic_vector
 
     assert_same_store_bytes(out, ref)
     store = WeightStore.open(str(out), mode="r")
@@ -134,7 +134,7 @@ def test_sigkill_worker_ray_restarts_it(cluster, source, reference, tmp_path):
 
 
 def test_partial_chunk_and_bad_marker_are_redone(cluster, reference, tmp_path):
-    from pipeline.build.store import WeightStore
+    from pipeline.builder.store import WeightStore
 
     out = tmp_path / "store"
     shutil.copytree(reference, out)
@@ -151,7 +151,7 @@ def test_partial_chunk_and_bad_marker_are_redone(cluster, reference, tmp_path):
 
 
 def test_corrupt_identity_is_quarantined(cluster, source, tmp_path):
-    from pipeline.build.store import WeightStore
+    from pipeline.builder.store import WeightStore
 
     src = tmp_path / "identities"
     shutil.copytree(source, src)
@@ -177,7 +177,7 @@ def test_url_build_status_resume(cluster, source, reference, tmp_path, scheme):
     byte for byte."""
     import dask.array as da
 
-    from pipeline.build.store import WeightStore
+    from pipeline.builder.store import WeightStore
     from pipeline.subspace.pca import pca_of_array
     from w2w_core import WeightSpace
 

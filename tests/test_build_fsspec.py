@@ -24,7 +24,7 @@ def source(tmp_path_factory):
 
 
 def _cfg(source, out):
-    from pipeline.build.builder import absolutize
+    from pipeline.builder.builder import absolutize
     from pipeline.config import load_config
     from pathlib import Path
 
@@ -36,9 +36,9 @@ def _cfg(source, out):
 
 def _build(cfg, half_written: int | None = None):
     """What run_build's actors do, in this process. Optionally stop with one shard half-written."""
-    from pipeline.build.builder import plan_build, prepare_store
-    from pipeline.build.store import ShardMarker
-    from pipeline.build.worker import TrainerContext, train_shard
+    from pipeline.builder.builder import plan_build, prepare_store
+    from pipeline.builder.store import ShardMarker
+    from pipeline.builder.worker import TrainerContext, train_shard
 
     plan = plan_build(cfg)
     ctx = TrainerContext.create(cfg)
@@ -69,9 +69,9 @@ def _chunks(store) -> dict[int, bytes]:
 
 
 def test_memory_url_build_resume_status_equals_local(source, tmp_path):
-    from pipeline.build.builder import shards_to_do
-    from pipeline.build.status import build_status
-    from pipeline.build.store import WeightStore
+    from pipeline.builder.builder import shards_to_do
+    from pipeline.builder.status import build_status
+    from pipeline.builder.store import WeightStore
 
     local, _ = _build(_cfg(source, tmp_path / "local"))
     url = f"memory://w2w-test-{uuid.uuid4().hex[:8]}/store"
@@ -116,7 +116,7 @@ def test_class_latents_on_memory_url(tmp_path):
     """Real trainer context (tiny base): class latents written to and read back from a URL."""
     import torch
 
-    from pipeline.build.worker import TrainerContext
+    from pipeline.builder.worker import TrainerContext
     from pipeline.config import load_config
     from pathlib import Path
 

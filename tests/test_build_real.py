@@ -6,7 +6,7 @@ an uninterrupted build of the same config. One identity has a corrupt image and 
 
 Byte equality across processes needs a fixed torch thread count per worker: the same shard
 trained with 1 and with 2 threads differs in the last bits (reduction order), so every actor
-pins `torch.set_num_threads(build.cpus_per_worker)` (pipeline.build.worker.pin_torch_threads).
+pins `torch.set_num_threads(build.cpus_per_worker)` (pipeline.builder.worker.pin_torch_threads).
 `test_trainer_is_deterministic_across_processes` checks it: the pytest process re-trains shard 0
 and gets the actor's bytes.
 """
@@ -66,7 +66,7 @@ def reference(cluster, source, tmp_path_factory):
 
 
 def test_real_build_quarantines_corrupt_image(reference):
-    from pipeline.build.store import WeightStore
+    from pipeline.builder.store import WeightStore
 
     store = WeightStore.open(str(reference), mode="r")
     bad = store.manifest().column("identity").to_pylist()[BAD]
@@ -84,9 +84,9 @@ def test_trainer_is_deterministic_across_processes(cluster, source, reference):
     """This process (not a Ray actor) re-trains shard 0 with the same config: identical bytes."""
     import torch
 
-    from pipeline.build.builder import plan_build
-    from pipeline.build.store import WeightStore, chunk_checksum
-    from pipeline.build.worker import TrainerContext, train_shard
+    from pipeline.builder.builder import plan_build
+    from pipeline.builder.store import WeightStore, chunk_checksum
+    from pipeline.builder.worker import TrainerContext, train_shard
     from pipeline.config import load_config
 
     threads = torch.get_num_threads()

@@ -39,7 +39,7 @@ def space(built):
 
 
 def test_store_and_space_are_complete(built, space):
-    from pipeline.build.store import WeightStore
+    from pipeline.builder.store import WeightStore
 
     store = WeightStore.open(str(built[0]), mode="r")
     assert store.done_shards(verify=True) == set(range(store.n_shards))

@@ -26,7 +26,7 @@ def cluster(tmp_path_factory):
 
 
 def test_job_submit_builds_store(cluster, tmp_path):
-    from pipeline.build.store import WeightStore
+    from pipeline.builder.store import WeightStore
     from pipeline.data.synthfaces import write_identity_source
 
     src = write_identity_source(tmp_path / "identities", 6, 2, seed=0)

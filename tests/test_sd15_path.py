@@ -118,7 +118,7 @@ def test_sd15_one_build_shard_through_ray(sd15, tmp_path):
     import subprocess
     import sys
 
-    from pipeline.build.store import WeightStore
+    from pipeline.builder.store import WeightStore
     from pipeline.data.synthfaces import write_identity_source
 
     if sd15.block_out_channels != SMALL_CHANNELS:

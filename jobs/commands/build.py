@@ -12,8 +12,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pipeline.build.builder import run_build
-    from pipeline.build.store import StoreError
+    from pipeline.builder.builder import run_build
+    from pipeline.builder.store import StoreError
     from jobs.cli import UserError
 
     cfg = config_from_args(args)

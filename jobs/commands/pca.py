@@ -22,7 +22,7 @@ def run(args) -> int:
     import time
 
     from jobs.cli import UserError
-    from pipeline.build.store import WeightStore
+    from pipeline.builder.store import WeightStore
     from pipeline.config import SubspaceConfig
     from pipeline.subspace.pca import SubspaceError, compute_subspace
 

@@ -14,8 +14,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from jobs.cli import UserError
     from jobs.commands.build import report
-    from pipeline.build.builder import resume_config, run_build
-    from pipeline.build.store import StoreError
+    from pipeline.builder.builder import resume_config, run_build
+    from pipeline.builder.store import StoreError
 
     try:
         cfg = resume_config(args.out, args.overrides)

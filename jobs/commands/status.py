@@ -10,7 +10,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import json
 
-    from pipeline.build.status import build_status, format_status
+    from pipeline.builder.status import build_status, format_status
 
     st = build_status(args.out)
     print(json.dumps(st, indent=1, sort_keys=True, default=str) if args.json else format_status(st))

@@ -61,7 +61,7 @@ def _attr_word(name: str) -> str:
 
 
 def write_report(out: str | Path, settings: ReportSettings | None = None, log=print) -> Path:
-    from pipeline.build.store import WeightStore
+    from pipeline.builder.store import WeightStore
     from pipeline.data.synthfaces import render_identity, to_tensor
     from pipeline.eval.evaluators import load_evaluators
     from w2w_core.render import grid, tensor_to_pil

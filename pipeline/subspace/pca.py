@@ -336,7 +336,7 @@ def compute_subspace(
     """Run the PCA of the store at `out` and write `<out>/subspace/{pca.safetensors,pca.json,explained_variance.png}`."""
     import dask.array as da
 
-    from pipeline.build.store import WeightStore
+    from pipeline.builder.store import WeightStore
 
     store = WeightStore.open(out, mode="r")
     rows = store.valid_rows()

@@ -4,7 +4,7 @@
     run_build(cfg, ...)  -> BuildSummary  (used by `w2w build` and `w2w resume`)
 
 One actor per GPU (or CPU slot; `build.workers` overrides) loads the base model once and
-trains shard after shard through `pipeline.build.worker.train_shard`, writing the chunk and
+trains shard after shard through `pipeline.builder.worker.train_shard`, writing the chunk and
 then the marker itself. The driver only dispatches shard ids to free actors. Ray retries
 crashed actors and their in-flight task (`max_restarts`, `max_task_retries`); when an actor
 is gone for good the driver re-queues its shard on the others (at most `max_task_retries`
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipeline.build.store import StoreError, WeightStore, join
-from pipeline.build.worker import TrainerContext, synthetic_layout, train_shard, virtual_ids
+from pipeline.builder.store import StoreError, WeightStore, join
+from pipeline.builder.worker import TrainerContext, synthetic_layout, train_shard, virtual_ids
 
 # Config keys that change how a build runs, not what it produces: stored, never compared.
 EXECUTION_KEYS = (
@@ -213,7 +213,7 @@ class ShardWorker:
         return self.ctx.class_latents is not None
 
     def run_shard(self, shard: int, identity_ids: list[str], attempt: int = 0) -> dict:
-        from pipeline.build.store import ShardMarker
+        from pipeline.builder.store import ShardMarker
 
         store = self.store
         started = time.time()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline.build.store import WeightStore
+from pipeline.builder.store import WeightStore
 
 STALE_AFTER_S = 600.0  # a "running" heartbeat older than this is reported as stale
 
