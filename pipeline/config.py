@@ -57,6 +57,12 @@ class DataConfig:
     images_per_identity: int = 10
     # Use only the first N identities of the source (0 = all).
     limit: int = 0
+    # Image files (or identity folders) that are symlinks pointing outside data.source are refused
+    # (the identity is quarantined) unless this is true: a source must not read arbitrary files.
+    follow_symlinks: bool = False
+    # Images with more pixels than this (width x height, read from the header before decoding)
+    # quarantine their identity instead of being decoded: a decompression bomb costs no memory.
+    max_image_pixels: int = 64_000_000
 
 
 @dataclass
@@ -74,6 +80,9 @@ class BuildConfig:
     trainer: str = "batched"
     max_restarts: int = 3
     max_task_retries: int = 3
+    # Seconds between the driver's heartbeats in <out>/lease/ (liveness in `w2w status`, the build
+    # lease): a heartbeat older than max(4 x this, 10 s) means the driver is gone.
+    heartbeat_s: float = 5.0
     # --- synthetic trainer only (orchestration tests and the scale simulation) ---
     # Seconds each shard sleeps, to make a build slow enough to interrupt in fault tests.
     synthetic_delay_s: float = 0.0
@@ -119,7 +128,9 @@ POSITIVE: tuple[str, ...] = (
     "train.batch_size",
     "train.identities_per_batch",
     "data.images_per_identity",
+    "data.max_image_pixels",
     "build.rows_per_shard",
+    "build.heartbeat_s",
     "subspace.components",
     "subspace.block_rows",
 )

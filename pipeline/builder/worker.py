@@ -109,7 +109,9 @@ class TrainerContext:
         if self._source is None and not self.cfg.build.synthetic_identities:
             from pipeline.data.source import IdentitySource
 
-            self._source = IdentitySource(self.cfg.data.source)
+            data = self.cfg.data
+            self._source = IdentitySource(data.source, follow_symlinks=data.follow_symlinks,
+                                          max_image_pixels=data.max_image_pixels)
         return self._source
 
     # ------------------------------------------------------------------ class latents
