@@ -116,7 +116,7 @@ def test_cli_errors_are_clear(built, tmp_path, capsys):
     assert "unknown attribute 'wings'" in err and "male" in err and "beard" in err
     assert main(["invert", str(out), str(corrupt), "--components", "999"]) == 2
     assert "K=12" in capsys.readouterr().err
-    assert main(["pca", str(out), "--components", "999"]) == 2
+    assert main(["pca", str(out), "--components", "999", "--force"]) == 2
     assert "999" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "no_such_build")]) == 2
     assert "no subspace" in capsys.readouterr().err

@@ -141,7 +141,7 @@ def test_cli_pca_and_directions(tmp_path, data, capsys):
     assert rc == 0, err
     meta = json.loads((tmp_path / "subspace" / "directions.json").read_text())
     assert meta["attributes"]["beard"]["debiased_against"] == ["male"]
-    rc, out, err = run("directions", str(tmp_path), "--disentangle", "beard:hat")
+    rc, out, err = run("directions", str(tmp_path), "--disentangle", "beard:hat", "--force")
     assert rc == 2 and "hat" in err and "male" in err
 
 

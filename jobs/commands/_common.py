@@ -45,3 +45,39 @@ def save_png(image, path: str) -> str:
     image.save(tmp)
     os.replace(tmp, path_obj)
     return str(path_obj)
+
+
+def add_force_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help=f"replace {what} when it already exists (default: refuse, never overwrite silently)")
+
+
+def refuse_existing(path, force: bool, elsewhere: str = "", after: str = "") -> None:
+    """Results are never replaced silently: an existing file (or non-empty folder) at `path` is
+    refused with one line naming how to write elsewhere (`elsewhere`, e.g. "pass --out NEW.png")
+    and --force (replace it). `path` may be an fsspec URL (pca and directions write next to a
+    store that may live on s3://)."""
+    import fsspec
+
+    from jobs.cli import UserError
+
+    if force:
+        return
+    fs, local = fsspec.core.url_to_fs(str(path))
+    if fs.exists(local) and (not fs.isdir(local) or fs.ls(local)):
+        how = f"{elsewhere} to write elsewhere, or " if elsewhere else ""
+        raise UserError(f"{path} already exists (an earlier result, not replaced silently); "
+                        f"{how}pass --force to replace it{after}")
+
+
+def unique_dir(path) -> "Path":
+    """`path`, or `path-2`, `path-3`, ... : the first that does not exist yet (default result names
+    derived from an input, e.g. the image stem, must not collide: /a/0.jpg and /b/0.png)."""
+    from pathlib import Path
+
+    path = Path(path)
+    candidate, k = path, 1
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.name}-{k}")
+    return candidate

@@ -54,13 +54,14 @@ def run(args) -> int:
     else:
         _stage("directions", ["directions", str(out)])
     grids = out / "grids"
-    _stage("sample", ["sample", str(out), "--n", "6", "--out", str(grids / "sample.png")])
-    _stage("edit", ["edit", str(out), "--out", str(grids / "edit.png")])
+    # the demo re-renders its own grids on every run (--force: it owns OUT/grids)
+    _stage("sample", ["sample", str(out), "--n", "6", "--out", str(grids / "sample.png"), "--force"])
+    _stage("edit", ["edit", str(out), "--out", str(grids / "edit.png"), "--force"])
     report = out / "report" / "report.md"
     if report.is_file() and report.stat().st_mtime > (subspace / "directions.json").stat().st_mtime:
         print(f"=== demo: report: reusing {report} (delete it to measure again)")
     else:
-        _stage("report", ["report", str(out)])
+        _stage("report", ["report", str(out), "--force"])  # stale: the demo re-measures its own report
     minutes = (time.perf_counter() - started) / 60
     print(f"\ndemo finished in {minutes:.1f} min. Report: {out / 'report' / 'report.md'}", file=sys.stderr)
     print(f"report: {out / 'report' / 'report.md'}")

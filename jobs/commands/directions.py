@@ -13,11 +13,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="project OTHER directions out of TARGET, e.g. beard:male")
     parser.add_argument("--debias-against", nargs="*", default=[], metavar="ATTR",
                         help="make every other direction orthogonal to these (default: none)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing OUT/subspace/directions.* (default: refuse)")
 
 
 def run(args) -> int:
     from jobs.cli import UserError
+    from jobs.commands._common import refuse_existing
     from pipeline.subspace.directions import compute_directions
+    from pipeline.subspace.io import subspace_url
+
+    refuse_existing(subspace_url(args.out) + "/directions.json", args.force)
     from w2w_core.directions import parse_disentangle
 
     try:

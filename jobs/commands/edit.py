@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.commands._common import add_render_arguments, prompts_of, save_png
+from jobs.commands._common import add_force_argument, add_render_arguments, prompts_of, refuse_existing, save_png
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compose", action="append", default=None, metavar="A=S,B=S",
                         help='a composed edit rendered as its own row, e.g. "beard=1,young=-1" (repeatable)')
     add_render_arguments(parser, default_out="edit.png")
+    add_force_argument(parser, "an existing --out grid")
 
 
 def parse_edit(text: str) -> dict[str, float]:
@@ -77,6 +78,7 @@ def run(args) -> int:
             if name not in space.directions:
                 raise UserError(f"unknown attribute {name!r} in --compose; valid attributes: {', '.join(sorted(space.directions))}")
     vec, label = pick_model(space, args)
+    refuse_existing(args.grid, args.force, "pass --out NEW.png")  # before rendering: never overwrite silently
     base = space.base_model()
     prompt = prompts_of(args)[0]
     rows, row_labels = [], []

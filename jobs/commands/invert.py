@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.commands._common import add_render_arguments, prompts_of, save_png
+from jobs.commands._common import add_force_argument, add_render_arguments, prompts_of, refuse_existing, save_png, unique_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,8 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (overrides the preset)")
     parser.add_argument("--mask", default=None, help="optional mask image (white = counts in the loss), e.g. a face mask")
     parser.add_argument("--save-lora", default=None, metavar="DIR",
-                        help="where to write the LoRA (default: <out>/inversions/<image name>/)")
+                        help="where to write the LoRA (default: <out>/inversions/<image name>/, or <image name>-2/, "
+                             "-3/, ... when taken: an earlier inversion is never replaced)")
     add_render_arguments(parser, default_out="invert.png")
+    add_force_argument(parser, "an existing --save-lora folder or --out grid")
 
 
 def run(args) -> int:
@@ -45,9 +47,13 @@ def run(args) -> int:
         if step % every == 0:
             print(f"invert: step {step} loss {loss:.4f}", flush=True)
 
+    # before the optimisation: never replace an earlier result silently (issue 17)
+    refuse_existing(args.grid, args.force, "pass --out NEW.png")
+    if args.save_lora:
+        refuse_existing(args.save_lora, args.force, "pass another --save-lora DIR")
+    lora_dir = Path(args.save_lora) if args.save_lora else unique_dir(Path(args.out) / "inversions" / Path(args.image).stem)
     result = space.invert(image, base=base, preset=args.preset, n_components=args.components, steps=args.steps,
                           lr=args.lr, mask=mask, seed=args.seed, progress=progress)
-    lora_dir = Path(args.save_lora or Path(args.out) / "inversions" / Path(args.image).stem)
     space.save_lora(result.vector, lora_dir)
     space.layout.save(result.vector, lora_dir / "w2w_model.safetensors", metadata={"source_image": str(args.image)})
     save_file({"coefficients": result.coefficients.contiguous()}, str(lora_dir / "coefficients.safetensors"))

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--power-iterations", type=int, default=None, help="randomized: power iterations")
     parser.add_argument("--seed", type=int, default=None, help="randomized: seed")
     parser.add_argument("--memory-gb", type=float, default=2.0, help="gram: memory for the in-RAM row panel (GB)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing OUT/subspace/pca.* (default: refuse; directions fitted on the old "
+                             "PCA must then be refitted with `w2w directions OUT --force`)")
 
 
 def run(args) -> int:
@@ -26,7 +29,12 @@ def run(args) -> int:
     from pipeline.config import SubspaceConfig
     from pipeline.subspace.pca import SubspaceError, compute_subspace
 
+    from jobs.commands._common import refuse_existing
+    from pipeline.subspace.io import subspace_url
+
     store = WeightStore.open(args.out, mode="r")
+    refuse_existing(subspace_url(args.out) + "/pca.json", args.force,
+                    after=f" (then refit the directions: `w2w directions {args.out} --force`)")
     cfg = SubspaceConfig(**{k: v for k, v in ((store.attrs.get("config") or {}).get("subspace") or {}).items()
                             if k in SubspaceConfig.__dataclass_fields__})
     n, d = int(store.valid_rows().size), store.numel

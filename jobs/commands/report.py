@@ -12,10 +12,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--invert-steps", type=int, default=200, help="inversion steps, also the LoRA baseline's (default 200)")
     parser.add_argument("--render-steps", type=int, default=25, help="DDIM steps per rendered image (default 25)")
     parser.add_argument("--attribute", action="append", default=None, help="attributes to evaluate (default: all)")
+    parser.add_argument("--force", action="store_true", help="replace an existing OUT/report/ (default: refuse)")
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from jobs.commands._common import refuse_existing
     from pipeline.eval.report import ReportSettings, write_report
+
+    refuse_existing(Path(args.out) / "report" / "report.md", args.force, after=" (or move the old report/ away first)")
 
     settings = ReportSettings(
         sample_models=args.sample_models,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.commands._common import add_render_arguments, prompts_of, save_png
+from jobs.commands._common import add_force_argument, add_render_arguments, prompts_of, refuse_existing, save_png
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,6 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-loras", default=None, metavar="DIR",
                         help="also write each sampled model as a diffusers LoRA folder DIR/sample_<i>/")
     add_render_arguments(parser, default_out="sample.png")
+    add_force_argument(parser, "an existing --out grid or --save-loras model folders")
 
 
 def run(args) -> int:
@@ -24,6 +25,9 @@ def run(args) -> int:
         raise UserError("--n must be at least 1")
     space = WeightSpace.load(args.out)
     vectors = space.sample(args.n, seed=args.sample_seed)
+    refuse_existing(args.grid, args.force, "pass --out NEW.png")  # before rendering: never overwrite silently
+    for i in range(args.n if args.save_loras else 0):
+        refuse_existing(f"{args.save_loras}/sample_{i}", args.force, "pass another --save-loras DIR")
     base = space.base_model()
     prompts = prompts_of(args)
     rows = []
