@@ -40,8 +40,12 @@ def _build(cfg, half_written: int | None = None):
     from pipeline.builder.store import ShardMarker
     from pipeline.builder.worker import TrainerContext, train_shard
 
+    from pipeline.builder.lease import BuildLease
+
     plan = plan_build(cfg)
     ctx = TrainerContext.create(cfg)
+    # the driver's lease: a live heartbeat is what makes `status` say "running"
+    BuildLease(cfg.build.out, heartbeat_s=60, log=lambda m: None).acquire()
     store = prepare_store(cfg, plan, {"layout": ctx.layout.to_json(), "fingerprint": ctx.fingerprint})
     store.write_progress("build", {"state": "running", "started_at": 0.0})
 

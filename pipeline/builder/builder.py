@@ -9,6 +9,11 @@ then the marker itself. The driver only dispatches shard ids to free actors. Ray
 crashed actors and their in-flight task (`max_restarts`, `max_task_retries`); when an actor
 is gone for good the driver re-queues its shard on the others (at most `max_task_retries`
 times). Shards that still fail are left without a marker: `w2w resume` redoes them.
+
+One driver at a time: `run_build` holds the store's build lease (pipeline.builder.lease) for
+its whole run, heartbeating it every `build.heartbeat_s`; a second driver is refused while that
+heartbeat is fresh (`takeover=True` supersedes it), and every marker a worker writes is fenced
+by the lease generation of the driver that dispatched it.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from pipeline.builder.lease import BuildLease, LeaseLost
 from pipeline.builder.store import StoreError, WeightStore, join
 from pipeline.builder.worker import TrainerContext, synthetic_layout, train_shard, virtual_ids
 
@@ -35,6 +41,7 @@ EXECUTION_KEYS = (
     "max_restarts",
     "max_task_retries",
     "synthetic_delay_s",
+    "heartbeat_s",
 )
 LOCAL_OBJECT_STORE_BYTES = 100 * 1024 * 1024  # the builder moves only markers through Ray
 
@@ -212,21 +219,27 @@ class ShardWorker:
         self.ctx.ensure_class_latents(self.store.class_latents_path)
         return self.ctx.class_latents is not None
 
-    def run_shard(self, shard: int, identity_ids: list[str], attempt: int = 0) -> dict:
+    def run_shard(self, shard: int, identity_ids: list[str], attempt: int = 0, generation: int = 0) -> dict:
+        """Train and write one shard. `generation` is the dispatching driver's lease generation:
+        the chunk and the marker are written only while no newer driver holds the lease."""
+        from pipeline.builder.lease import check_fence
         from pipeline.builder.store import ShardMarker
 
         store = self.store
         started = time.time()
         record = {"state": "running", "shard": shard, "worker": self.name, "pid": os.getpid(),
-                  "started_at": started, "updated_at": started, "attempt": attempt}
-        store.write_progress(f"{shard:06d}", record)
+                  "started_at": started, "updated_at": started, "attempt": attempt, "generation": generation}
+        fence = (lambda: check_fence(self.out, generation)) if generation else None
+        if fence is not None:
+            fence()
+        _advisory(store.write_progress, f"{shard:06d}", record)
         last = [started]
 
         def heartbeat(info: dict) -> None:
             now = time.time()
             if now - last[0] > 5:
                 last[0] = now
-                store.write_progress(f"{shard:06d}", {**record, "updated_at": now, **info})
+                _advisory(store.write_progress, f"{shard:06d}", {**record, "updated_at": now, **info})
 
         try:
             if self.ctx.needs_class_latents and self.ctx.class_latents is None:
@@ -235,14 +248,18 @@ class ShardWorker:
             marker = ShardMarker(
                 shard=shard, start=0, stop=0, checksum="", identities=list(identity_ids),
                 losses=result.losses, quarantined=result.quarantined,
-                seconds=round(time.time() - started, 4), worker=self.name,
+                seconds=round(time.time() - started, 4), worker=self.name, generation=generation,
             )
-            store.write_shard(shard, result.block, marker)
+            store.write_shard(shard, result.block, marker, fence=fence)
+        except LeaseLost:
+            raise  # superseded: the newer driver owns this shard's progress file too
         except Exception as err:
-            store.write_progress(f"{shard:06d}", {**record, "state": "failed", "updated_at": time.time(),
-                                                  "error": f"{type(err).__name__}: {err}"})
+            # The cause goes to `w2w status`; if even that write fails (disk full) the original
+            # error still reaches the driver, which prints it.
+            _advisory(store.write_progress, f"{shard:06d}", {**record, "state": "failed", "updated_at": time.time(),
+                                                              "error": f"{type(err).__name__}: {err}"})
             raise
-        store.clear_progress(f"{shard:06d}")
+        _advisory(store.clear_progress, f"{shard:06d}")
         return {"shard": shard, "seconds": marker.seconds, "quarantined": len(marker.quarantined)}
 
 
@@ -252,8 +269,9 @@ def prepare_store(cfg, plan: Plan, describe: dict) -> WeightStore:
     from w2w_core.layout import LoraLayout
 
     cfg_dict = to_dict(cfg)
+    stored = WeightStore.open(cfg.build.out).attrs.get("build_key") if WeightStore.exists(cfg.build.out) else None
     metadata = {
-        "build_key": build_key(cfg_dict),
+        "build_key": _build_key_for(cfg, stored),
         "base_fingerprint": describe["fingerprint"],
         "identities_sha256": plan.ids_sha256,
         "rows_per_shard": plan.rows_per_shard,
@@ -267,6 +285,40 @@ def prepare_store(cfg, plan: Plan, describe: dict) -> WeightStore:
         metadata,
         advisory={"config": cfg_dict},
     )
+
+
+def _advisory(write, *args) -> bool:
+    """Run an advisory write (progress files); never let it mask the real outcome."""
+    try:
+        write(*args)
+        return True
+    except Exception:  # noqa: BLE001 - advisory only: disk full, object-store hiccup, ...
+        return False
+
+
+def comparable_key(requested: dict, stored: dict, defaults: dict) -> dict:
+    """`requested` minus keys the stored build_key lacks whose value is the schema default.
+
+    Config fields added after a store was written (e.g. data.follow_symlinks) must not make
+    that store "a different build" while they keep the behaviour the store was built with.
+    """
+    out = {}
+    for k, v in requested.items():
+        if k not in stored and k in defaults and defaults[k] == v:
+            continue
+        if isinstance(v, dict) and isinstance(stored.get(k), dict) and isinstance(defaults.get(k), dict):
+            v = comparable_key(v, stored[k], defaults[k])
+        out[k] = v
+    return out
+
+
+def _build_key_for(cfg, stored_key: dict | None) -> dict:
+    from pipeline.config import W2WConfig, to_dict
+
+    key = build_key(to_dict(cfg))
+    if stored_key is None:
+        return key
+    return comparable_key(key, stored_key, build_key(to_dict(W2WConfig())))
 
 
 def shards_to_do(store: WeightStore, verify: bool = True, threads: int = 4) -> list[int]:
@@ -286,25 +338,41 @@ def shards_to_do(store: WeightStore, verify: bool = True, threads: int = 4) -> l
     return [s for s in range(store.n_shards) if s not in done]
 
 
-def run_build(cfg, progress_bar: bool = True, verify: bool = True, log=print) -> BuildSummary:
-    """Plan, connect to Ray, start the actors, dispatch every unfinished shard, wait."""
+def run_build(cfg, progress_bar: bool = True, verify: bool = True, log=print, takeover: bool = False) -> BuildSummary:
+    """Plan, take the build lease, connect to Ray, start the actors, dispatch every unfinished shard, wait.
+
+    Raises LeaseError (another live driver holds the store; `takeover=True` supersedes it) and
+    LeaseLost (this driver was superseded while running: it stops, its workers write nothing more).
+    """
+    t0 = time.time()
+    cfg = absolutize(cfg)
+    out = cfg.build.out
+    plan = plan_build(cfg)
+    if WeightStore.exists(out):
+        store = WeightStore.open(out)
+        # Refuse a different build before starting anything (cheap: no Ray, no model, no lease).
+        store.check_same_build(
+            {**store.attrs, "build_key": _build_key_for(cfg, store.attrs.get("build_key")),
+             "identities_sha256": plan.ids_sha256},
+            ignore=("config",),
+        )
+    lease = BuildLease(out, heartbeat_s=cfg.build.heartbeat_s, log=log).acquire(takeover=takeover)
+    try:
+        return _run_build_leased(cfg, plan, lease, t0, progress_bar, verify, log)
+    finally:
+        lease.release()
+
+
+def _run_build_leased(cfg, plan: Plan, lease: BuildLease, t0: float, progress_bar: bool, verify: bool, log) -> BuildSummary:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
     from pipeline.config import to_dict
 
-    t0 = time.time()
-    cfg = absolutize(cfg)
     out = cfg.build.out
-    plan = plan_build(cfg)
     existing = WeightStore.exists(out)
     if existing:
         store = WeightStore.open(out)
-        # Refuse a different build before starting anything (cheap: no Ray, no model).
-        store.check_same_build(
-            {**store.attrs, "build_key": build_key(to_dict(cfg)), "identities_sha256": plan.ids_sha256},
-            ignore=("config",),
-        )
         todo = shards_to_do(store, verify=verify)
         if not todo:
             log(f"build at {out} is already complete: {store.n_shards}/{store.n_shards} shards; nothing to do")
@@ -324,14 +392,16 @@ def run_build(cfg, progress_bar: bool = True, verify: bool = True, log=print) ->
         )
         actors = [remote.remote(cfg_dict, out, f"w{k}") for k in range(n_workers)]
         describe = ray.get(actors[0].describe.remote())
+        lease.check()
         store = prepare_store(cfg, plan, describe)
         todo = shards_to_do(store, verify=verify)
         done_before = store.n_shards - len(todo)
         if ray.get(actors[0].ensure_class_latents.remote()):
             log(f"class latents: {store.class_latents_path}")
-        store.write_progress("build", {"state": "running", "started_at": t0, "pid": os.getpid(),
-                                       "host": socket.gethostname(), "workers": n_workers,
-                                       "todo_at_start": len(todo), "n_shards": store.n_shards})
+        _advisory(store.write_progress, "build", {"state": "running", "started_at": t0, "pid": os.getpid(),
+                                                  "host": socket.gethostname(), "workers": n_workers,
+                                                  "generation": lease.generation,
+                                                  "todo_at_start": len(todo), "n_shards": store.n_shards})
         summary = BuildSummary(out=out, n_shards=store.n_shards, done_before=done_before, workers=n_workers)
         log(f"building {out}: {len(plan.ids)} identities, {store.n_shards} shards "
             f"({done_before} done, {len(todo)} to do) on {n_workers} workers, trainer={cfg.build.trainer}")
@@ -342,13 +412,14 @@ def run_build(cfg, progress_bar: bool = True, verify: bool = True, log=print) ->
         alive = set(free)
         inflight: dict = {}
         while pending or inflight:
+            lease.check()  # superseded (--takeover elsewhere): stop dispatching at once
             while free and pending:
                 a, s = free.pop(0), pending.popleft()
-                ref = actors[a].run_shard.remote(s, plan.shard_ids(s), attempts.get(s, 0))
+                ref = actors[a].run_shard.remote(s, plan.shard_ids(s), attempts.get(s, 0), lease.generation)
                 inflight[ref] = (a, s)
             if not inflight:
                 break  # no live actors left
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=max(1.0, cfg.build.heartbeat_s))
             for ref in ready:
                 a, s = inflight.pop(ref)
                 try:
@@ -362,6 +433,9 @@ def run_build(cfg, progress_bar: bool = True, verify: bool = True, log=print) ->
                     alive.discard(a)
                     reason = f"worker {a} died: {str(err).splitlines()[0][:200]}"
                 except RayTaskError as err:  # the task raised: the actor is fine
+                    if isinstance(err, LeaseLost) or isinstance(getattr(err, "cause", None), LeaseLost):
+                        lease.lost = lease.lost or str(getattr(err, "cause", err))
+                        lease.check()
                     free.append(a)
                     reason = str(err.cause if hasattr(err, "cause") else err).splitlines()[0][:300]
                 attempts[s] = attempts.get(s, 0) + 1
@@ -369,21 +443,20 @@ def run_build(cfg, progress_bar: bool = True, verify: bool = True, log=print) ->
                     pending.append(s)
                 else:
                     summary.failed[s] = reason
-                    try:
-                        store.write_progress(f"{s:06d}", {"state": "failed", "shard": s, "error": reason,
-                                                          "updated_at": time.time(), "attempt": attempts[s]})
-                    except Exception:  # noqa: BLE001 - advisory only
-                        pass
+                    _advisory(store.write_progress, f"{s:06d}", {"state": "failed", "shard": s, "error": reason,
+                                                                 "updated_at": time.time(), "attempt": attempts[s]})
             if not alive:
                 for s in pending:
                     summary.failed[s] = "no live workers left"
                 pending.clear()
         bar.close()
         summary.seconds = time.time() - t0
-        store.write_progress("build", {"state": "failed" if summary.failed else "finished", "started_at": t0,
-                                       "finished_at": time.time(), "pid": os.getpid(), "workers": n_workers,
-                                       "todo_at_start": len(todo), "n_shards": store.n_shards,
-                                       "failed": sorted(summary.failed)})
+        lease.check()
+        _advisory(store.write_progress, "build", {"state": "failed" if summary.failed else "finished", "started_at": t0,
+                                                  "finished_at": time.time(), "pid": os.getpid(), "workers": n_workers,
+                                                  "host": socket.gethostname(), "generation": lease.generation,
+                                                  "todo_at_start": len(todo), "n_shards": store.n_shards,
+                                                  "failed": sorted(summary.failed)})
         return summary
     finally:
         for actor in actors:

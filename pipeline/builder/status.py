@@ -1,8 +1,13 @@
-"""`w2w status`: what a build's store says about it (markers = truth, progress files = advisory)."""
+"""`w2w status`: what a build's store says about it (markers = truth, progress files = advisory).
+
+Whether a build is running is the age of its driver's heartbeat in the build lease
+(pipeline.builder.lease), never a pid check: status may run on another host than the driver.
+"""
 from __future__ import annotations
 
 import time
 
+from pipeline.builder.lease import current_claim
 from pipeline.builder.store import WeightStore
 
 STALE_AFTER_S = 600.0  # a "running" heartbeat older than this is reported as stale
@@ -14,6 +19,12 @@ def build_status(out: str, now: float | None = None) -> dict:
     markers = store.markers()
     progress = store.read_progress()
     run = progress.pop("build", None)
+    claim = current_claim(out)
+    driver = None
+    if claim is not None:
+        driver = {"host": claim.host, "pid": claim.pid, "generation": claim.generation, "state": claim.state,
+                  "started_at": claim.started_at, "last_seen_s": round(claim.age(now), 1),
+                  "alive": claim.fresh(now), "description": claim.describe(now)}
     running, failed, stale = [], {}, []
     for name, rec in progress.items():
         try:
@@ -26,8 +37,10 @@ def build_status(out: str, now: float | None = None) -> dict:
             (stale if now - float(rec.get("updated_at", 0)) > STALE_AFTER_S else running).append(s)
         elif rec.get("state") == "failed":
             failed[s] = rec.get("error", "")
-    if run and run.get("state") in ("finished", "failed"):
-        # the run is over: whatever still says "running" was interrupted
+    # Stores written before the lease existed have no claim: no driver of theirs can still run.
+    live = claim is not None and claim.fresh(now)
+    if not live or (run and run.get("state") in ("finished", "failed")):
+        # no live driver (or its run is over): whatever still says "running" was interrupted
         stale += running
         running = []
     n = store.n_shards
@@ -40,15 +53,24 @@ def build_status(out: str, now: float | None = None) -> dict:
     rate = None
     if recent:
         first = t_start if t_start is not None else min(m.finished_at - m.seconds for m in recent)
-        last = now if run and run.get("state") == "running" else max(m.finished_at for m in recent)
+        last = now if live and run and run.get("state") == "running" else max(m.finished_at for m in recent)
         elapsed = max(last - first, 1e-6)
         rate = sum(m.stop - m.start for m in recent) / elapsed * 3600.0
     remaining_rows = store.n_rows - done_rows
     eta = remaining_rows / rate * 3600.0 if rate and remaining_rows else (0.0 if not remaining_rows else None)
+    if len(markers) == n:
+        state = "complete"
+    elif live:
+        state = "running"
+    elif claim is not None and claim.state == "running":
+        state = "interrupted"  # the driver died (or hangs) without releasing its lease
+    else:
+        state = {"finished": "incomplete", None: "not started", "running": "interrupted"}.get(
+            (run or {}).get("state"), (run or {}).get("state"))
     return {
         "out": store.out,
-        "state": "complete" if len(markers) == n else
-                 {"finished": "incomplete", None: "not started"}.get((run or {}).get("state"), (run or {}).get("state")),
+        "state": state,
+        "driver": driver,
         "shards": {"total": n, "done": len(markers), "running": len(running), "failed": len(failed),
                    "stale": len(stale), "pending": max(pending, 0)},
         "identities": {"total": store.n_rows, "done": done_rows, "quarantined": len(quarantined),
@@ -66,8 +88,12 @@ def build_status(out: str, now: float | None = None) -> dict:
 
 def format_status(st: dict) -> str:
     sh, ids = st["shards"], st["identities"]
+    state = st["state"]
+    driver = st.get("driver")
+    if state == "interrupted" and driver:
+        state = f"interrupted: driver on {driver['host']} pid {driver['pid']} last seen {_dur(driver['last_seen_s'])} ago"
     lines = [
-        f"build {st['out']}  [{st['state']}]  trainer={st['trainer']}",
+        f"build {st['out']}  [{state}]  trainer={st['trainer']}",
         f"  shards      {sh['done']}/{sh['total']} done, {sh['running']} running, {sh['failed']} failed, "
         f"{sh['stale']} interrupted, {sh['pending']} pending",
         f"  identities  {ids['done']}/{ids['total']} done, {ids['quarantined']} quarantined, {ids['valid']} valid",
@@ -76,7 +102,11 @@ def format_status(st: dict) -> str:
     lines.append("  throughput  " + (f"{rate:,.0f} identities/hour" if rate else "n/a"))
     eta = st["eta_seconds"]
     if st["state"] != "complete":
-        lines.append("  eta         " + (_dur(eta) if eta is not None else "n/a") + ("" if st["state"] == "running" else " (not running: `w2w resume OUT`)"))
+        lines.append("  eta         " + (_dur(eta) if eta is not None else "n/a")
+                     + ("" if st["state"] == "running" else f" (not running: `w2w resume {st['out']}`)"))
+    if st["state"] == "running" and driver:
+        lines.append(f"  driver      {driver['host']} pid {driver['pid']}, heartbeat {_dur(driver['last_seen_s'])} ago "
+                     f"(lease generation {driver['generation']})")
     for s, err in list(st["failed_shards"].items())[:10]:
         lines.append(f"  failed shard {s}: {err}")
     for ident, reason in list(st["quarantined"].items())[:10]:

@@ -56,6 +56,7 @@ class ShardMarker:
     worker: str = ""
     finished_at: float = 0.0
     write_seconds: float = 0.0  # time to write the chunk (Zarr encode + store)
+    generation: int = 0  # the build lease generation of the driver whose worker wrote it (0: no lease)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
@@ -187,24 +188,52 @@ class WeightStore:
     def marker_path(self, shard: int) -> str:
         return join(self._root, SHARDS_DIR, f"{shard:06d}.json")
 
-    def write_shard(self, shard: int, block: np.ndarray, marker: ShardMarker) -> ShardMarker:
-        """Write chunk `shard` whole, then its marker (atomically). Order makes resume exact."""
+    def write_shard(self, shard: int, block: np.ndarray, marker: ShardMarker, fence=None) -> ShardMarker:
+        """Write chunk `shard` whole, then its marker (atomically). Order makes resume exact.
+
+        `fence()` (the build lease check) runs before the chunk and again before the marker, so
+        a superseded driver's worker writes neither once a newer driver holds the lease (the
+        window left is one chunk write; a chunk torn by it has no marker of its own and a marker
+        that no longer matches is caught by the checksum verification of every build/resume).
+        A failed write (disk full, permission, object-store error) removes the torn chunk (no
+        marker points at it; removing it gives back its space) and the marker's temp file, then
+        raises the original error: the shard is simply not done.
+        """
         start, stop = self.shard_rows(shard)
         block = np.asarray(block, dtype=np.float32)
         if block.shape != (stop - start, self.numel):
             raise StoreError(f"shard {shard} block has shape {block.shape}, expected {(stop - start, self.numel)}")
+        if fence is not None:
+            fence()
         t0 = time.perf_counter()
-        self.array[start:stop] = block
+        try:
+            self.array[start:stop] = block
+        except BaseException:
+            self._remove_quietly(self.chunk_path(shard))
+            raise
         marker.write_seconds = round(time.perf_counter() - t0, 4)
         marker.shard, marker.start, marker.stop = shard, start, stop
         marker.checksum = chunk_checksum(block)
         marker.finished_at = marker.finished_at or time.time()
+        if fence is not None:
+            fence()
         path = self.marker_path(shard)
         tmp = path + ".partial"
-        with self.fs.open(tmp, "w") as f:
-            f.write(marker.to_json())
-        self.fs.mv(tmp, path)
+        try:
+            with self.fs.open(tmp, "w") as f:
+                f.write(marker.to_json())
+            self.fs.mv(tmp, path)
+        except BaseException:
+            self._remove_quietly(tmp)
+            raise
         return marker
+
+    def _remove_quietly(self, path: str) -> None:
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path)
+        except Exception:  # noqa: BLE001 - best effort after a failed write; the original error is raised
+            pass
 
     def clear_marker(self, shard: int) -> None:
         """Forget shard `shard` (e.g. its marker no longer matches the chunk): it will be redone."""
@@ -257,10 +286,7 @@ class WeightStore:
         """Advisory (never used for correctness): heartbeat / failure of a shard or the build run."""
         path = self.progress_path(name)
         self.fs.makedirs(join(self._root, PROGRESS_DIR), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.partial"
-        with self.fs.open(tmp, "w") as f:
-            f.write(json.dumps(record, sort_keys=True, default=str))
-        self.fs.mv(tmp, path)
+        write_small_file(self.fs, path, json.dumps(record, sort_keys=True, default=str), f".{os.getpid()}.partial")
 
     def clear_progress(self, name: str) -> None:
         path = self.progress_path(name)
@@ -314,6 +340,28 @@ class WeightStore:
     def weights_url(self) -> str:
         """What `dask.array.from_zarr(url, component='weights')` opens."""
         return zarr_location(join(self.out, WEIGHTS_DIR))
+
+
+def write_small_file(fs, path: str, text: str, tmp_suffix: str = ".partial") -> None:
+    """Write a small advisory record atomically (temp file + move); when that fails (a full disk
+    has no block for the temp file) overwrite the existing file in place, which reuses its
+    blocks: a failure's cause (or a released lease) must still reach `w2w status` on a full disk.
+    Readers skip a record caught half-written."""
+    tmp = path + tmp_suffix
+    try:
+        with fs.open(tmp, "w") as f:
+            f.write(text)
+        fs.mv(tmp, path)
+    except OSError:
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except OSError:
+            pass
+        if not fs.exists(path):
+            raise
+        with fs.open(path, "w") as f:
+            f.write(text)
 
 
 def write_table(table: pa.Table, url: str) -> None:
