@@ -69,8 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-every", type=int, default=1, help="host loss sync every N steps (batched)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: by GPU name)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
-    p.add_argument("--json", default="", help="write rows + machine info here")
+    p.add_argument("--json", default="", help="write rows + machine info here (rewritten after every row)")
+    p.add_argument("--time-budget-s", type=float, default=0.0,
+                   help="skip configurations that would start after this many seconds (0 = no limit)")
     return p
+
+
+def over_budget(args) -> bool:
+    """True once --time-budget-s has passed since the run started (a lent GPU has a hard limit)."""
+    return bool(args.time_budget_s) and time.monotonic() - args.started_at > args.time_budget_s
 
 
 # ---------------------------------------------------------------------- setup
@@ -129,6 +136,16 @@ def identities(n: int, args, size: int, device, offset: int = 0) -> list[Prepare
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def reset_peak_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
 def flops_per_sample(base, layout, ctx, args, size) -> float:
@@ -203,6 +220,7 @@ def _steady(run_steps, device, steps: int) -> tuple[float, float]:
 
 
 def time_reference(base, layout, ctx, args, size, batch_size: int) -> dict:
+    reset_peak_memory(base.device)
     cfg = TrainConfig(steps=args.warmup_steps, batch_size=batch_size, mixed_precision=_mixed(args))
     warm = identities(1, args, size, base.device, offset=10_000)[0]
     train_reference(base, layout, cfg, warm, ctx)
@@ -214,17 +232,20 @@ def time_reference(base, layout, ctx, args, size, batch_size: int) -> dict:
 
     setup, step = _steady(run_steps, base.device, args.steps)
     n = args.ref_identities
-    return _row(f"reference peft (batch {batch_size})", "reference", 1, batch_size, step / n, setup / n, args, ctx)
+    return _row(f"reference peft (batch {batch_size})", "reference", 1, batch_size, step / n, setup / n, args, ctx,
+                peak_memory_gb(base.device))
 
 
 def time_batched(base, layout, ctx, args, size, K: int, options: BatchedOptions, label: str = "", mp: str | None = None) -> dict:
     mp = mp or _mixed(args)
+    reset_peak_memory(base.device)
     cfg = TrainConfig(steps=args.warmup_steps, batch_size=args.batch_size, mixed_precision=mp, identities_per_batch=K)
     train_batched(base, layout, cfg, identities(K, args, size, base.device, offset=10_000), ctx, options)
     ids = identities(K, args, size, base.device)
     setup, step = _steady(lambda n: train_batched(base, layout, dataclasses.replace(cfg, steps=n), ids, ctx, options),
                           base.device, args.steps)
-    return _row(label or f"batched K={K}", "batched", K, args.batch_size, step, setup, args, ctx)
+    return _row(label or f"batched K={K}", "batched", K, args.batch_size, step, setup, args, ctx,
+                peak_memory_gb(base.device))
 
 
 def _mixed(args) -> str:
@@ -233,10 +254,10 @@ def _mixed(args) -> str:
     return args.mixed_precision
 
 
-def _row(label, trainer, K, batch_size, step_s, setup_s, args, ctx) -> dict:
+def _row(label, trainer, K, batch_size, step_s, setup_s, args, ctx, peak_gb=None) -> dict:
     m = batch_size * (1 if ctx.class_latents is None else 2)
     samples_per_step = K * m
-    return {
+    row = {
         "config": label,
         "trainer": trainer,
         "K": K,
@@ -246,11 +267,15 @@ def _row(label, trainer, K, batch_size, step_s, setup_s, args, ctx) -> dict:
         "samples_per_s": samples_per_step / step_s,
         "identities_per_hour": 3600.0 * K / (setup_s + step_s * args.recipe_steps),
     }
+    if peak_gb is not None:
+        row["peak_mem_gb"] = peak_gb
+    return row
 
 
 def run(args) -> dict:
     global REPEATS
     REPEATS = max(1, int(args.repeats))
+    args.started_at = getattr(args, "started_at", time.monotonic())
     base, layout, ctx, size, name = make_world(args)
     info = machine_info(args)
     info.update(model=name, latent_size=size, lora_numel=layout.numel, steps=args.steps,
@@ -267,12 +292,16 @@ def run(args) -> dict:
                 row["mfu"] = row["tflops"] / peak
         rows.append(row)
         print(_fmt(row, rows), flush=True)
+        write_json({"machine": info, "rows": rows}, args.json)
 
     for bs in _ints(args.ref_batch_sizes):
         emit(time_reference(base, layout, ctx, args, size, bs))
     options = BatchedOptions(channels_last=args.channels_last, compile=args.compile, fused_adam=args.fused_adam,
                              sync_every=args.sync_every)
     for K in _ints(args.ks):
+        if over_budget(args):
+            rows.append({"config": f"batched K={K}", "trainer": "batched", "K": K, "error": "skipped: time budget"})
+            continue
         try:
             emit(time_batched(base, layout, ctx, args, size, K, options))
         except torch.OutOfMemoryError:
@@ -288,6 +317,7 @@ def _fmt(row, rows) -> str:
     row["speedup_vs_ref"] = speed
     extra = f"  {row['tflops']:.3f} TFLOP/s" if "tflops" in row else ""
     extra += f"  MFU {100 * row['mfu']:.1f}%" if "mfu" in row else ""
+    extra += f"  peak {row['peak_mem_gb']:.1f} GiB" if "peak_mem_gb" in row else ""
     return (f"{row['config']:<34} step {row['step_s'] * 1000:9.1f} ms  {row['samples_per_s']:9.1f} samples/s  "
             f"{row['identities_per_hour']:10.1f} identities/h  x{speed:6.2f}{extra}")
 
@@ -295,18 +325,19 @@ def _fmt(row, rows) -> str:
 def markdown(result: dict) -> str:
     rec = result["machine"].get("recipe_steps", 800)
     lines = [f"| configuration | samples/step | step (ms) | setup (s) | samples/s | identities/h ({rec} steps) "
-             "| vs reference b1 | TFLOP/s | MFU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| vs reference b1 | TFLOP/s | MFU | peak GPU mem (GiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['config']} | | {r['error']} | | | | | | |")
+            lines.append(f"| {r['config']} | | {r['error']} | | | | | | | |")
             continue
         tf = f"{r['tflops']:.3f}" if "tflops" in r else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        mem = f"{r['peak_mem_gb']:.1f}" if "peak_mem_gb" in r else "-"
         lines.append(
             f"| {r['config']} | {r['samples_per_step']} | {r['step_s'] * 1000:.1f} | {r['setup_s']:.2f} | "
             f"{r['samples_per_s']:.1f} | {r['identities_per_hour']:.1f} | {r.get('speedup_vs_ref', float('nan')):.2f}x | "
-            f"{tf} | {mfu} |"
+            f"{tf} | {mfu} | {mem} |"
         )
     return "\n".join(lines)
 
