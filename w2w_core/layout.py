@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 LAYOUT_FORMAT = "w2w-lora-layout/1"
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_FORMATS = ("diffusers", "kohya")  # export formats: save_diffusers, save_kohya
 
 
 class LayoutMismatchError(ValueError):
@@ -175,12 +176,14 @@ class LoraLayout:
         return path
 
     def load(self, path: str | os.PathLike) -> torch.Tensor:
-        """Read a single-model safetensors file (by tensor name) into this layout's vector."""
+        """Read a single-model safetensors file (by tensor name: peft, diffusers or kohya keys) into this layout's vector."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"LoRA file not found: {path}")
         with safe_open(str(path), framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
+        if state and all(k.startswith("lora_unet_") for k in state):
+            return self.flatten(self.from_kohya(state))
         state = {_strip_prefixes(k): v for k, v in state.items()}
         return self.flatten(state)
 
@@ -208,6 +211,92 @@ class LoraLayout:
             unet_lora_adapter_metadata=_json_safe(config),
         )
         return directory / DIFFUSERS_WEIGHT_NAME
+
+    # ---------------------------------------------------------------- kohya export
+    def to_kohya(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """State dict in kohya's LoRA naming, which A1111, ComfyUI, kohya's scripts and diffusers load.
+
+        Mapped by module name, so linear and conv modules alike (kohya's LoCon uses the same names):
+        `lora_unet_<module path, '.' -> '_'>.lora_down.weight` (peft's lora_A), `.lora_up.weight`
+        (lora_B) and a scalar `.alpha`. Those tools multiply up @ down by alpha / rank themselves and
+        read alpha only from these scalars (not from diffusers' adapter metadata), so it rides in each.
+        """
+        state = self.unflatten(vector)
+        out: dict[str, torch.Tensor] = {}
+        for module in self.modules:
+            name = kohya_name(module)
+            if f"{name}.alpha" in out:
+                raise LayoutMismatchError(f"modules collide under the kohya name {name!r}; kohya names cannot tell them apart")
+            for peft_part, kohya_part in (("lora_A", "lora_down"), ("lora_B", "lora_up")):
+                key = f"{module}.{peft_part}.weight"
+                if key not in state:
+                    raise LayoutMismatchError(f"module {module!r} has no {key!r}: the kohya format needs one lora_A/lora_B pair per module")
+                out[f"{name}.{kohya_part}.weight"] = state.pop(key).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(self.alpha, dtype=torch.float32)
+        if state:
+            raise LayoutMismatchError(f"the kohya format has no place for {sorted(state)[:3]} (only lora_A/lora_B pairs)")
+        return out
+
+    def save_kohya(self, vector: torch.Tensor, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+        """One kohya-format `.safetensors` file (see `to_kohya`); a directory gets `<its name>.safetensors`.
+
+        The file name is what A1111 and ComfyUI list the LoRA as, hence the directory's name. kohya's
+        `ss_network_*` metadata and the layout JSON ride in the header; `load` reads the file back.
+        """
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path / f"{path.name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(self.rank),
+            "ss_network_alpha": str(self.alpha),
+            "w2w_layout": self.to_json(),
+        }
+        header.update({str(k): str(v) for k, v in (metadata or {}).items()})
+        tmp = path.with_name(path.name + ".partial")
+        save_file(self.to_kohya(vector), str(tmp), metadata=header)
+        os.replace(tmp, path)
+        return path
+
+    def from_kohya(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """kohya-named tensors -> peft keys of this layout. A file alpha other than the layout's is
+        folded into lora_B, so the model's effective weights are unchanged."""
+        by_name = {kohya_name(m): m for m in self.modules}
+        out: dict[str, torch.Tensor] = {}
+        for key, tensor in state.items():
+            name, _, part = key.partition(".")
+            if name not in by_name:
+                raise LayoutMismatchError(
+                    f"kohya LoRA module {name!r} is not in this layout (targets {list(self.targets)}). "
+                    "Was it trained with a different base model or target modules?"
+                )
+            if part in ("lora_down.weight", "lora_up.weight"):
+                out[f"{by_name[name]}.{'lora_A' if part == 'lora_down.weight' else 'lora_B'}.weight"] = tensor
+            elif part != "alpha":
+                raise LayoutMismatchError(f"unexpected kohya tensor {key!r} (expected .lora_down.weight, .lora_up.weight, .alpha)")
+        for name, module in by_name.items():
+            alpha = state.get(f"{name}.alpha")
+            key = f"{module}.lora_B.weight"
+            if alpha is not None and key in out and float(alpha) != self.alpha:
+                out[key] = out[key] * (float(alpha) / self.alpha)
+        return out
+
+    def merge(self, vector: torch.Tensor, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Base weights `<module>.weight` of the adapted modules -> W + alpha/rank * B @ A.
+
+        What fusing the LoRA into the base model gives, computed from the layout alone (no peft or
+        diffusers code in the path): the reference the exports are checked against. Conv modules:
+        B is (out, r, 1, 1), A is (r, in, kh, kw), so B @ A reshapes to W's (out, in, kh, kw).
+        """
+        state = self.unflatten(vector)
+        out = {}
+        for module in self.modules:
+            w = weights[f"{module}.weight"]
+            a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
+            delta = (b.flatten(1).double() @ a.flatten(1).double()).reshape(w.shape)
+            out[f"{module}.weight"] = (w.double() + self.scaling * delta).to(w.dtype)
+        return out
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
@@ -245,6 +334,11 @@ class LoraLayout:
     def fingerprint(self) -> str:
         """Short hash that changes whenever keys, shapes or LoRA hyper-parameters change."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+def kohya_name(module: str) -> str:
+    """'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q' -> 'lora_unet_down_blocks_0_..._attn1_to_q'."""
+    return "lora_unet_" + module.replace(".", "_")
 
 
 def module_of(key: str) -> str:

@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch
 
-from w2w_core.layout import LoraLayout
+from w2w_core.layout import LORA_FORMATS, LoraLayout
 
 SUBSPACE_DIR = "subspace"
 PCA_FILE = "pca.safetensors"
@@ -220,9 +220,20 @@ class WeightSpace:
         """(D,) weights -> peft state dict (keys of the layout)."""
         return self.layout.unflatten(self._vec(vec).reshape(-1))
 
-    def save_lora(self, vec, directory) -> Path:
-        """Write `pytorch_lora_weights.safetensors` that diffusers' `load_lora_weights(directory)` loads."""
-        return self.layout.save_diffusers(self._vec(vec).reshape(-1), directory)
+    def save_lora(self, vec, directory, format: str = "diffusers") -> Path:
+        """Write the model as a LoRA file in `directory` and return the file's path.
+
+        `diffusers`: `pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights(directory)`
+        (alpha in diffusers' adapter metadata). `kohya`: `<directory name>.safetensors` with
+        `lora_unet_*` keys and a per-module alpha, the format A1111, ComfyUI and kohya's scripts
+        read (diffusers loads it too); other tools ignore diffusers' metadata and would lose alpha.
+        """
+        vec = self._vec(vec).reshape(-1)
+        if format == "diffusers":
+            return self.layout.save_diffusers(vec, directory)
+        if format == "kohya":
+            return self.layout.save_kohya(vec, directory)
+        raise ValueError(f"unknown LoRA format {format!r}; valid formats: {', '.join(LORA_FORMATS)}")
 
     def model_config(self):
         """The base model config the store was built with (its `config.model` section)."""

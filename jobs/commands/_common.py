@@ -47,6 +47,14 @@ def save_png(image, path: str) -> str:
     return str(path_obj)
 
 
+def add_lora_format_argument(parser: argparse.ArgumentParser) -> None:
+    """--format of saved LoRAs: diffusers' own, or kohya's, which the other tools read (see WeightSpace.save_lora)."""
+    parser.add_argument("--format", dest="lora_format", choices=("diffusers", "kohya"), default="diffusers",
+                        help="format of saved LoRAs: diffusers (DIR/pytorch_lora_weights.safetensors, for "
+                             "load_lora_weights) or kohya (DIR/<DIR name>.safetensors with lora_unet_* keys and "
+                             "alpha per module: A1111, ComfyUI, kohya scripts; diffusers loads it too). Default diffusers")
+
+
 def add_force_argument(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--force", action="store_true",
                         help=f"replace {what} when it already exists (default: refuse, never overwrite silently)")

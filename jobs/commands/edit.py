@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.commands._common import add_force_argument, add_render_arguments, prompts_of, refuse_existing, save_png
+from jobs.commands._common import (add_force_argument, add_lora_format_argument, add_render_arguments, prompts_of,
+                                   refuse_existing, save_png)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "write --strengths=-2,0,2 when the first is negative (default -2,-1,0,1,2)")
     parser.add_argument("--compose", action="append", default=None, metavar="A=S,B=S",
                         help='a composed edit rendered as its own row, e.g. "beard=1,young=-1" (repeatable)')
+    parser.add_argument("--save-loras", default=None, metavar="DIR",
+                        help="also write every edited model of the grid as a LoRA folder DIR/<row>_<strength>/ (see --format)")
+    add_lora_format_argument(parser)
     add_render_arguments(parser, default_out="edit.png")
-    add_force_argument(parser, "an existing --out grid")
+    add_force_argument(parser, "an existing --out grid or --save-loras folder")
 
 
 def parse_edit(text: str) -> dict[str, float]:
@@ -79,20 +83,25 @@ def run(args) -> int:
                 raise UserError(f"unknown attribute {name!r} in --compose; valid attributes: {', '.join(sorted(space.directions))}")
     vec, label = pick_model(space, args)
     refuse_existing(args.grid, args.force, "pass --out NEW.png")  # before rendering: never overwrite silently
+    if args.save_loras:
+        refuse_existing(args.save_loras, args.force, "pass another --save-loras DIR")
     base = space.base_model()
     prompt = prompts_of(args)[0]
     rows, row_labels = [], []
     with LoraSlot(base, space.layout) as slot:
-        def render(v):
+        def render(v, name=None):
+            if args.save_loras and name:
+                space.save_lora(v, f"{args.save_loras}/{name}", format=args.lora_format)
             slot.set(v)
             return generate(base, [prompt], seed=args.seed, steps=args.render_steps, guidance_scale=args.guidance)[0]
 
         for name in attributes:
-            rows.append([render(space.edit(vec, {name: s})) for s in strengths])
+            rows.append([render(space.edit(vec, {name: s}), f"{name}_{s:+g}") for s in strengths])
             row_labels.append(name)
             print(f"edit: {name} swept over {strengths}", flush=True)
         for edits in composed:
-            rows.append([render(space.edit(vec, {k: s * v for k, v in edits.items()})) for s in strengths])
+            rows.append([render(space.edit(vec, {k: s * v for k, v in edits.items()}), f"{'+'.join(edits)}_{s:+g}")
+                         for s in strengths])
             row_labels.append("+".join(edits))
     col_labels = [f"{s:+g} sd" for s in strengths]
     path = save_png(grid(rows, row_labels=row_labels, col_labels=col_labels), args.grid)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.commands._common import add_force_argument, add_render_arguments, prompts_of, refuse_existing, save_png, unique_dir
+from jobs.commands._common import (add_force_argument, add_lora_format_argument, add_render_arguments, prompts_of,
+                                   refuse_existing, save_png, unique_dir)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to write the LoRA (default: <out>/inversions/<image name>/, or <image name>-2/, "
                              "-3/, ... when taken: an earlier inversion is never replaced)")
     add_render_arguments(parser, default_out="invert.png")
+    add_lora_format_argument(parser)
     add_force_argument(parser, "an existing --save-lora folder or --out grid")
 
 
@@ -54,7 +56,7 @@ def run(args) -> int:
     lora_dir = Path(args.save_lora) if args.save_lora else unique_dir(Path(args.out) / "inversions" / Path(args.image).stem)
     result = space.invert(image, base=base, preset=args.preset, n_components=args.components, steps=args.steps,
                           lr=args.lr, mask=mask, seed=args.seed, progress=progress)
-    space.save_lora(result.vector, lora_dir)
+    space.save_lora(result.vector, lora_dir, format=args.lora_format)
     space.layout.save(result.vector, lora_dir / "w2w_model.safetensors", metadata={"source_image": str(args.image)})
     save_file({"coefficients": result.coefficients.contiguous()}, str(lora_dir / "coefficients.safetensors"))
     (lora_dir / "inversion.json").write_text(json.dumps(

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.commands._common import add_force_argument, add_render_arguments, prompts_of, refuse_existing, save_png
+from jobs.commands._common import (add_force_argument, add_lora_format_argument, add_render_arguments, prompts_of,
+                                   refuse_existing, save_png)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -11,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=4, help="number of models to sample (default 4)")
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of the PC coefficients (default 0)")
     parser.add_argument("--save-loras", default=None, metavar="DIR",
-                        help="also write each sampled model as a diffusers LoRA folder DIR/sample_<i>/")
+                        help="also write each sampled model as a LoRA folder DIR/sample_<i>/ (see --format)")
+    add_lora_format_argument(parser)
     add_render_arguments(parser, default_out="sample.png")
     add_force_argument(parser, "an existing --out grid or --save-loras model folders")
 
@@ -37,7 +39,7 @@ def run(args) -> int:
             rows.append(generate(base, prompts, seed=args.seed, steps=args.render_steps, guidance_scale=args.guidance))
             print(f"sample: rendered model {i + 1}/{args.n}", flush=True)
             if args.save_loras:
-                space.save_lora(vec, f"{args.save_loras}/sample_{i}")
+                space.save_lora(vec, f"{args.save_loras}/sample_{i}", format=args.lora_format)
     path = save_png(grid(rows, row_labels=[f"sample {i}" for i in range(args.n)], col_labels=prompts), args.grid)
     print(f"wrote {path}")
     return 0
