@@ -1,5 +1,6 @@
 """The diffusers export must load with `load_lora_weights` and act exactly like the peft-wrapped UNet."""
 import peft
+import pytest
 import torch
 
 from w2w_core.config import ModelConfig
@@ -15,9 +16,11 @@ def _unet_out(unet, seed=0):
         return unet(latents, torch.tensor([10, 500]), encoder_hidden_states=text).sample
 
 
-def test_diffusers_export_equals_peft(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("lora", [{}, dict(rank=2, alpha=2, targets=("to_q", "to_v", "conv1", "conv2"))],
+                         ids=["published-qv", "conv"])
+def test_diffusers_export_equals_peft(tmp_path, tiny_model_dir, lora):
     base = load_base_model(ModelConfig(path=str(tiny_model_dir)), device="cpu")
-    layout = LoraLayout.from_unet(base.unet)
+    layout = LoraLayout.from_unet(base.unet, **lora)
     g = torch.Generator().manual_seed(1)
     vec = torch.randn(layout.numel, generator=g) * 0.05
 

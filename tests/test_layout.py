@@ -101,3 +101,18 @@ def test_layout_from_unet_matches_config(tiny_layout):
 
     unet = UNet2DConditionModel(**TINY_UNET)
     assert LoraLayout.from_unet(unet) == tiny_layout
+
+
+def test_conv_targets_follow_peft_conv_lora():
+    """LoRA on convolutions (issue 14): the layout takes peft's conv LoRA shapes, A (r, in, kh, kw)
+    with the base kernel and B (out, r, 1, 1), and round-trips them exactly."""
+    layout = LoraLayout.from_unet_config(TINY_UNET, rank=4, alpha=4, targets=("to_q", "to_v", "conv1", "conv2"))
+    convs = [k for k in layout.keys if ".resnets." in k]
+    assert convs and all(k.split(".")[-3] in ("conv1", "conv2") for k in convs)
+    assert layout.shapes["down_blocks.1.resnets.0.conv1.lora_A.weight"] == (4, 32, 3, 3)
+    assert layout.shapes["down_blocks.1.resnets.0.conv1.lora_B.weight"] == (64, 4, 1, 1)
+    qv = LoraLayout.from_unet_config(TINY_UNET, rank=4, alpha=4, targets=("to_q", "to_v"))
+    assert layout.numel == qv.numel + sum(layout.offsets[k][1] - layout.offsets[k][0] for k in convs)
+    vec = torch.randn(layout.numel, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(layout.flatten(layout.unflatten(vec)), vec)
+    assert LoraLayout.from_json(layout.to_json()) == layout

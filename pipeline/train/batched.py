@@ -1,7 +1,8 @@
 """Multi-LoRA batched trainer: K identities in ONE forward/backward of the frozen base.
 
 Each adapted linear (the layout's modules) is temporarily replaced by `MultiLoraLinear`,
-holding stacked A (K, r, in) and B (K, out, r). The batch is identity-major with m samples
+holding stacked A (K, r, in) and B (K, out, r); each adapted convolution by `MultiLoraConv2d`
+(peft's conv LoRA, K identities as one grouped convolution). The batch is identity-major with m samples
 per identity, so the LoRA branch is two batched matmuls over (K, m*seq, in): no Python loop
 over identities in the hot path. AdamW is elementwise, so the stacked parameters with the
 summed per-identity losses are K independent trainings; gradient clipping is per identity and
@@ -60,6 +61,41 @@ class MultiLoraLinear(torch.nn.Module):
         return result + (delta * self.scaling).reshape(result.shape).to(result.dtype)
 
 
+class MultiLoraConv2d(torch.nn.Module):
+    """peft's conv LoRA for K identities at once: y = base(x) + scaling * B_k(A_k(x)).
+
+    A_k is a conv with the base's kernel, stride and padding (rank output channels), B_k a
+    1x1 conv, as in peft's `lora.Conv2d`. The identity-major batch (K*m, C, H, W) is folded
+    into channels (m, K*C, H, W) so both run as ONE grouped convolution with K groups.
+    """
+
+    def __init__(self, base_layer: torch.nn.Conv2d, A: torch.nn.Parameter, B: torch.nn.Parameter, scaling: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.A = A  # (K, r, in, kh, kw)
+        self.B = B  # (K, out, r, 1, 1)
+        self.scaling = float(scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        K, r, c = self.A.shape[:3]
+        out = self.B.shape[1]
+        xs = x.to(self.A.dtype if not torch.is_autocast_enabled() else x.dtype)
+        m = xs.shape[0] // K
+        xs = xs.reshape(K, m, c, *xs.shape[2:]).transpose(0, 1).reshape(m, K * c, *xs.shape[2:])
+        conv = self.base_layer
+        h = torch.nn.functional.conv2d(xs, self.A.reshape(K * r, c, *self.A.shape[3:]), None, conv.stride, conv.padding, 1, K)
+        d = torch.nn.functional.conv2d(h, self.B.reshape(K * out, r, 1, 1), None, 1, 0, 1, K)  # (m, K*out, H', W')
+        d = d.reshape(m, K, out, *d.shape[2:]).transpose(0, 1).reshape(result.shape)
+        return result + (d * self.scaling).to(result.dtype)
+
+
+def _multi_lora(base_layer: torch.nn.Module, A, B, scaling: float) -> torch.nn.Module:
+    if isinstance(base_layer, torch.nn.Conv2d):
+        return MultiLoraConv2d(base_layer, A, B, scaling)
+    return MultiLoraLinear(base_layer, A, B, scaling)
+
+
 def _swap(unet, name: str, module: torch.nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = unet.get_submodule(parent_name) if parent_name else unet
@@ -108,14 +144,14 @@ def _train_group(base, unet, layout, linears, train_cfg, group, ctx, options) ->
 
     A_params, B_params, params = {}, {}, []
     for m in layout.modules:
-        in_f, out_f = shapes[m]
+        # (K, *peft shape): linear A (r, in), B (out, r); conv A (r, in, kh, kw), B (out, r, 1, 1)
         A = torch.nn.Parameter(torch.stack([init[m] for init in inits]).to(device=device, dtype=torch.float32))
-        B = torch.nn.Parameter(torch.zeros(K, out_f, layout.rank, device=device, dtype=torch.float32))
+        B = torch.nn.Parameter(torch.zeros(K, *layout.shapes[f"{m}.lora_B.weight"], device=device, dtype=torch.float32))
         A_params[m], B_params[m] = A, B
         params += [A, B]
 
     for m in layout.modules:
-        _swap(unet, m, MultiLoraLinear(linears[m], A_params[m], B_params[m], layout.scaling))
+        _swap(unet, m, _multi_lora(linears[m], A_params[m], B_params[m], layout.scaling))
     try:
         optimizer = torch.optim.AdamW(
             params,

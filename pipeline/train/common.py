@@ -153,6 +153,8 @@ def init_lora_A(
 ) -> dict[str, torch.Tensor]:
     """lora_A for each adapted module (layout order): normal, std 1/rank (peft's gaussian init). B = 0.
 
+    The shape is the layout's: (rank, in) for a linear, (rank, in, kh, kw) for a convolution.
+
     With `train.shared_init` (the default) every identity starts from the same A, drawn from a
     generator seeded by train.seed alone: the rows of the store then differ by what training
     learned, not by each model's random initialisation, which would otherwise dominate the PCA.
@@ -161,9 +163,9 @@ def init_lora_A(
     if train_cfg is not None and getattr(train_cfg, "shared_init", False):
         gen = identity_generator(train_cfg.seed, -1)
     out = {}
+    shapes = layout.shapes
     for module in layout.modules:
-        in_features, _ = module_shapes[module]
-        out[module] = torch.randn(layout.rank, in_features, generator=gen) / layout.rank
+        out[module] = torch.randn(shapes[f"{module}.lora_A.weight"], generator=gen) / layout.rank
     return out
 
 
@@ -261,8 +263,12 @@ def identity_losses(pred: torch.Tensor, target: torch.Tensor, num_identities: in
     return loss
 
 
-def check_layout_modules(layout: LoraLayout, unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The UNet's linears named by the layout, with shapes checked; LayoutMismatchError if not."""
+def check_layout_modules(layout: LoraLayout, unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The UNet's linears and 2-d convolutions named by the layout, shapes checked; LayoutMismatchError if not.
+
+    A convolution's LoRA is peft's: A is a conv with the base's kernel, stride and padding
+    (rank output channels), B a 1x1 conv; only dilation 1 and groups 1 are supported, as in
+    every SD1.5 UNet convolution."""
     named = dict(unet.named_modules())
     shapes = module_shapes(layout)
     missing = [m for m in layout.modules if m not in named]
@@ -275,15 +281,27 @@ def check_layout_modules(layout: LoraLayout, unet: torch.nn.Module) -> dict[str,
     for m in layout.modules:
         mod = named[m]
         base_layer = getattr(mod, "base_layer", mod)
-        if not isinstance(base_layer, torch.nn.Linear):
-            raise LayoutMismatchError(f"layout module '{m}' is a {type(base_layer).__name__}, not a Linear")
-        if (base_layer.in_features, base_layer.out_features) != shapes[m]:
+        a_shape = tuple(layout.shapes[f"{m}.lora_A.weight"])
+        if isinstance(base_layer, torch.nn.Linear):
+            have, kernel_ok = (base_layer.in_features, base_layer.out_features), len(a_shape) == 2
+        elif isinstance(base_layer, torch.nn.Conv2d):
+            if base_layer.groups != 1 or tuple(base_layer.dilation) != (1, 1):
+                raise LayoutMismatchError(
+                    f"layout module '{m}' is a Conv2d with groups={base_layer.groups}, dilation={base_layer.dilation}; "
+                    "LoRA on convolutions supports groups 1 and dilation 1 only"
+                )
+            have = (base_layer.in_channels, base_layer.out_channels)
+            kernel_ok = a_shape[2:] == tuple(base_layer.kernel_size)
+        else:
+            raise LayoutMismatchError(f"layout module '{m}' is a {type(base_layer).__name__}, not a Linear or Conv2d")
+        if have != shapes[m] or not kernel_ok:
             raise LayoutMismatchError(
-                f"layout module '{m}' expects (in, out)={shapes[m]}, the UNet's linear has "
-                f"({base_layer.in_features}, {base_layer.out_features}); the layout belongs to a different base model"
+                f"layout module '{m}' expects (in, out)={shapes[m]} and lora_A {a_shape}, the UNet's "
+                f"{type(base_layer).__name__} has {have}; the layout belongs to a different base model"
             )
         out[m] = mod
-    adapted_here = {n for n, mod in named.items() if n.split(".")[-1] in layout.targets and isinstance(mod, torch.nn.Linear)}
+    adapted_here = {n for n, mod in named.items()
+                    if n.split(".")[-1] in layout.targets and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))}
     extra = sorted(adapted_here - set(layout.modules))
     if extra:
         raise LayoutMismatchError(
