@@ -128,15 +128,21 @@ def test_report_measures_and_writes(built):
 
     out, _ = built
     assert main(["report", str(out), "--sample-models", "2", "--edit-models", "2", "--invert-identities", "1",
-                 "--invert-steps", "3", "--render-steps", "2", "--attribute", "male", "--attribute", "beard"]) == 0
+                 "--invert-steps", "3", "--render-steps", "2", "--attribute", "male", "--attribute", "beard",
+                 "--fidelity-models", "3"]) == 0
     report = out / "report"
     numbers = json.loads((report / "report.json").read_text())
-    assert set(numbers) >= {"sampling", "editing", "inversion", "weight_space"}
+    assert set(numbers) >= {"fidelity", "sampling", "editing", "inversion", "weight_space"}
+    fidelity = numbers["fidelity"]
+    assert fidelity["identities"] == 3 and len(fidelity["per_identity"]["fidelity"]) == 3
+    assert fidelity["ceiling"] > fidelity["floor"] + 0.3  # real images of an identity agree; base renders do not
+    assert 0.0 <= fidelity["attribute_agreement"] <= 1.0 and fidelity["render_change"] > 0
     assert set(numbers["editing"]) == {"male", "beard"}
     for key in ("w2w", "lora", "same_identity_real", "other_identity_real"):
         assert -1.0 <= numbers["inversion"][key] <= 1.0
     # The ceiling (a real image of the same identity) is above the floor (another identity).
     assert numbers["inversion"]["same_identity_real"] > numbers["inversion"]["other_identity_real"]
-    for name in ("report.md", "sampling.png", "editing.png", "inversion.png", "pc_scatter.png"):
+    assert (report / "report.md").read_text().index("Identity fidelity") < (report / "report.md").read_text().index("## Sampling")
+    for name in ("report.md", "fidelity.png", "sampling.png", "editing.png", "inversion.png", "pc_scatter.png"):
         assert (report / name).stat().st_size > 0
     assert "| male |" in (report / "report.md").read_text()

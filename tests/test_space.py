@@ -131,3 +131,34 @@ def test_w2w_core_does_not_import_ray_dask_or_pipeline():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_timestep_gated_edits(space, tiny_model_dir):
+    """--edit-start / WeightSpace.pipeline(original=..., edit_start=...): the unedited model denoises the
+    first fraction of the steps, the edited one the rest (issue 14 item 5)."""
+    from w2w_core.config import ModelConfig
+    from w2w_core.model import load_base_model
+    from w2w_core.render import LoraSlot, edit_switch_step, generate, generate_gated
+
+    assert edit_switch_step(0.0, 25) == 0 and edit_switch_step(0.4, 25) == 10
+    with pytest.raises(ValueError, match="edit_start"):
+        edit_switch_step(1.0, 25)
+    w = space.sample(1, seed=2)[0] * 50  # large enough that the LoRA visibly changes the render
+    e = space.edit(w, {"beard": 30.0})
+    base = load_base_model(ModelConfig(path=str(tiny_model_dir), device="cpu"))
+    kw = dict(seed=0, steps=4, output_type="pt")
+    with LoraSlot(base, space.layout) as slot:
+        slot.set(e)
+        edited = generate(base, ["sks person"], **kw)
+        slot.set(w)
+        original = generate(base, ["sks person"], **kw)
+        torch.testing.assert_close(generate_gated(base, slot, w, e, 0.0, ["sks person"], **kw), edited)
+        half = generate_gated(base, slot, w, e, 0.5, ["sks person"], **kw)
+    assert (half - edited).abs().mean() > 1e-3 and (half - original).abs().mean() > 1e-3
+
+    pipe = space.pipeline(e, ModelConfig(path=str(tiny_model_dir), device="cpu"), original=w, edit_start=0.5)
+    active = []
+    real = pipe.pipe.set_adapters
+    pipe.pipe.set_adapters = lambda name, *a, **k: (active.append(name), real(name, *a, **k))[1]
+    img = pipe("sks person", num_inference_steps=4, height=32, width=32, output_type="np").images
+    assert active == ["w2w_unedited", "w2w"] and np.isfinite(img).all()

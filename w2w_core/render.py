@@ -5,7 +5,7 @@ in place, so rendering many models does not re-wrap the UNet per model.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -78,11 +78,13 @@ def generate(
     guidance_scale: float = DEFAULT_GUIDANCE,
     negative_prompt: str | None = None,
     output_type: str = "pil",
+    step_callback: Callable[[int], None] | None = None,
 ):
     """Render one image per prompt with whatever LoRA the UNet currently carries.
 
     `seed` is one seed shared by every prompt (rows of a grid then differ only by the
     model or prompt) or one seed per prompt. output_type "pt" gives (B, 3, H, W) in [-1, 1].
+    `step_callback(i)` runs after denoising step i (e.g. to switch weights, see generate_gated).
     """
     seeds = [int(seed)] * len(prompts) if isinstance(seed, int) else [int(s) for s in seed]
     if len(seeds) != len(prompts):
@@ -101,10 +103,72 @@ def generate(
         width=size,
         latents=latents.to(base.device, base.unet.dtype),
         output_type="pt" if output_type == "pt" else "pil",
+        **({"callback_on_step_end": _step_end(step_callback)} if step_callback is not None else {}),
     )
     if output_type == "pt":
         return result.images * 2 - 1
     return list(result.images)
+
+
+def _step_end(step_callback: Callable[[int], None]):
+    def callback(pipe, i, t, callback_kwargs):
+        step_callback(int(i))
+        return callback_kwargs
+
+    return callback
+
+
+def edit_switch_step(edit_start: float, steps: int) -> int:
+    """How many of `steps` denoising steps run with the unedited model before the edit applies.
+
+    `edit_start` is the fraction of the denoising (from pure noise) left to the unedited
+    weights: 0 edits every step; 0.3 lets the original model lay out the first 30% (the
+    coarse layout, which carries identity) and applies the edit to the later, detail steps.
+    """
+    edit_start = float(edit_start)
+    if not 0.0 <= edit_start < 1.0:
+        raise ValueError(f"edit_start must be in [0, 1), got {edit_start}")
+    return int(round(edit_start * int(steps)))
+
+
+@torch.no_grad()
+def generate_gated(base: BaseModel, slot: "LoraSlot", original: torch.Tensor, edited: torch.Tensor,
+                   edit_start: float, prompts: Sequence[str], seed: int | Sequence[int] = 0, steps: int = 25, **kwargs):
+    """Render with the unedited weights for the first `edit_start` of the steps, then the edited ones
+    (the paper's timestep-gated edits). edit_start=0 is an ordinary render of `edited`."""
+    k = edit_switch_step(edit_start, steps)
+    slot.set(original if k > 0 else edited)
+
+    def switch(i: int) -> None:
+        if i + 1 == k:
+            slot.set(edited)
+
+    return generate(base, prompts, seed=seed, steps=steps, step_callback=switch if k > 0 else None, **kwargs)
+
+
+class GatedEditPipeline:
+    """A diffusers pipeline carrying an unedited and an edited adapter that switches from the first
+    to the second after `edit_start` of the denoising steps; every other attribute is the pipeline's."""
+
+    def __init__(self, pipe, original_adapter: str, edited_adapter: str, edit_start: float):
+        edit_switch_step(edit_start, 1)  # validates
+        self.pipe, self.original_adapter, self.edited_adapter = pipe, original_adapter, edited_adapter
+        self.edit_start = float(edit_start)
+
+    def __call__(self, *args, num_inference_steps: int = 50, **kwargs):
+        if "callback_on_step_end" in kwargs:
+            raise ValueError("GatedEditPipeline uses callback_on_step_end itself to switch adapters")
+        k = edit_switch_step(self.edit_start, num_inference_steps)
+        self.pipe.set_adapters(self.original_adapter if k > 0 else self.edited_adapter)
+
+        def switch(i: int) -> None:
+            if i + 1 == k:
+                self.pipe.set_adapters(self.edited_adapter)
+
+        return self.pipe(*args, num_inference_steps=num_inference_steps, callback_on_step_end=_step_end(switch), **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
 
 
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:

@@ -243,17 +243,30 @@ class WeightSpace:
         known = set(ModelConfig.__dataclass_fields__)
         return ModelConfig(**{k: v for k, v in model.items() if k in known})
 
-    def pipeline(self, vec, model_cfg=None, base=None, adapter_name: str = "w2w"):
-        """A ready StableDiffusionPipeline (base from `model_cfg`, default: the store's) with this LoRA loaded."""
-        from w2w_core.model import load_base_model
+    def pipeline(self, vec, model_cfg=None, base=None, adapter_name: str = "w2w", *, original=None,
+                 edit_start: float = 0.0):
+        """A ready StableDiffusionPipeline (base from `model_cfg`, default: the store's) with this LoRA loaded.
 
+        Timestep-gated edits (the paper's option): with `original` (the unedited model) and
+        `edit_start` > 0, the returned pipeline denoises the first `edit_start` fraction of the
+        steps with `original` and the rest with `vec` (w2w_core.render.GatedEditPipeline).
+        """
+        from w2w_core.model import load_base_model
+        from w2w_core.render import GatedEditPipeline, edit_switch_step
+
+        edit_switch_step(edit_start, 1)  # validates the fraction before loading anything
         if base is None:
             base = load_base_model(model_cfg if model_cfg is not None else self.model_config())
         pipe = base.pipeline()
         with tempfile.TemporaryDirectory() as tmp:
             self.save_lora(vec, tmp)
             pipe.load_lora_weights(tmp, adapter_name=adapter_name)
-        return pipe
+        if original is None or edit_start == 0:
+            return pipe
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_lora(original, tmp)
+            pipe.load_lora_weights(tmp, adapter_name=f"{adapter_name}_unedited")
+        return GatedEditPipeline(pipe, f"{adapter_name}_unedited", adapter_name, edit_start)
 
     def base_model(self, model_cfg=None):
         """The frozen base model the store was built with (or `model_cfg`), loaded once per call."""

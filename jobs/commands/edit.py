@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "write --strengths=-2,0,2 when the first is negative (default -2,-1,0,1,2)")
     parser.add_argument("--compose", action="append", default=None, metavar="A=S,B=S",
                         help='a composed edit rendered as its own row, e.g. "beard=1,young=-1" (repeatable)')
+    parser.add_argument("--edit-start", type=float, default=0.0, metavar="F",
+                        help="timestep-gated edits: render the first fraction F of the denoising steps with the "
+                             "unedited model, the rest with the edited one (0 = edit every step, the default)")
     parser.add_argument("--save-loras", default=None, metavar="DIR",
                         help="also write every edited model of the grid as a LoRA folder DIR/<row>_<strength>/ (see --format)")
     add_lora_format_argument(parser)
@@ -62,7 +65,7 @@ def pick_model(space, args):
 
 def run(args) -> int:
     from jobs.cli import UserError
-    from w2w_core.render import LoraSlot, generate, grid
+    from w2w_core.render import LoraSlot, edit_switch_step, generate_gated, grid
     from w2w_core.space import WeightSpace
 
     space = WeightSpace.load(args.out)
@@ -81,6 +84,10 @@ def run(args) -> int:
         for name in edits:
             if name not in space.directions:
                 raise UserError(f"unknown attribute {name!r} in --compose; valid attributes: {', '.join(sorted(space.directions))}")
+    try:
+        edit_switch_step(args.edit_start, args.render_steps)
+    except ValueError as err:
+        raise UserError(f"--edit-start: {err}") from None
     vec, label = pick_model(space, args)
     refuse_existing(args.grid, args.force, "pass --out NEW.png")  # before rendering: never overwrite silently
     if args.save_loras:
@@ -92,8 +99,8 @@ def run(args) -> int:
         def render(v, name=None):
             if args.save_loras and name:
                 space.save_lora(v, f"{args.save_loras}/{name}", format=args.lora_format)
-            slot.set(v)
-            return generate(base, [prompt], seed=args.seed, steps=args.render_steps, guidance_scale=args.guidance)[0]
+            return generate_gated(base, slot, vec, v, args.edit_start, [prompt], seed=args.seed, steps=args.render_steps,
+                                  guidance_scale=args.guidance)[0]
 
         for name in attributes:
             rows.append([render(space.edit(vec, {name: s}), f"{name}_{s:+g}") for s in strengths])

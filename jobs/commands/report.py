@@ -10,6 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edit-models", type=int, default=8, help="training models to edit per attribute (default 8)")
     parser.add_argument("--invert-identities", type=int, default=4, help="held-out identities to invert (default 4)")
     parser.add_argument("--invert-steps", type=int, default=200, help="inversion steps, also the LoRA baseline's (default 200)")
+    parser.add_argument("--fidelity-models", type=int, default=16,
+                        help="training models whose renders are compared with their identity's images (default 16)")
     parser.add_argument("--render-steps", type=int, default=25, help="DDIM steps per rendered image (default 25)")
     parser.add_argument("--attribute", action="append", default=None, help="attributes to evaluate (default: all)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT/report/ (default: refuse)")
@@ -29,6 +31,7 @@ def run(args) -> int:
         invert_identities=args.invert_identities,
         invert_steps=args.invert_steps,
         render_steps=args.render_steps,
+        fidelity_models=args.fidelity_models,
         attributes=args.attribute or [],
     )
     path = write_report(args.out, settings, log=lambda m: print(m, flush=True))

@@ -27,6 +27,8 @@ class ReportSettings:
     invert_identities: int = 4
     invert_steps: int = 200
     invert_lr: float = 0.1
+    gated_edit_start: float = 0.4  # timestep-gated edits measured next to plain ones (0 = skip)
+    fidelity_models: int = 16  # training models whose renders are compared with their own identity's images
     render_steps: int = 25
     heldout_seed: int = 5000  # SynthFaces seed of identities never seen by the build
     seed: int = 0
@@ -51,6 +53,14 @@ class Renderer:
 
         self.slot.set(vector)
         return generate(self.base, prompts, seed=seeds, steps=self.steps, output_type="pt").cpu()
+
+    def gated(self, original: torch.Tensor, edited: torch.Tensor, edit_start: float, prompts: list[str],
+              seeds: list[int]) -> torch.Tensor:
+        """`original` for the first `edit_start` of the denoising, `edited` after (timestep-gated edit)."""
+        from w2w_core.render import generate_gated
+
+        return generate_gated(self.base, self.slot, original, edited, edit_start, prompts, seed=seeds,
+                              steps=self.steps, output_type="pt").cpu()
 
     def close(self) -> None:
         self.slot.remove()
@@ -88,6 +98,10 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
 
     md: list[str] = ["# w2w quality report", "", f"Space: `{out}` — {len(space.identities)} models, {space.k} PCs, "
                      f"D = {space.layout.numel}. Evaluators: tiny-world identity embedder and attribute classifier.", ""]
+
+    # ------------------------------------------------------------------ fidelity (first: everything rests on it)
+    log("report: fidelity")
+    numbers["fidelity"] = _fidelity(store, space, evaluators, render, true_vector, settings, report_dir)
 
     # ------------------------------------------------------------------ sampling
     log("report: sampling")
@@ -128,6 +142,7 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
     for attr in attributes:
         j = attr_index[attr]
         w2w_success, w2w_idsim, w2w_target, w2w_other = [], [], [], []
+        gated_success, gated_idsim = [], []
         prompt_success, prompt_idsim = [], []
         for i in edit_models:
             vec = true_vector(i)
@@ -144,6 +159,11 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
             w2w_target.append(((pa[j] - pb[j]) * direction).item())
             others = [k for k in range(len(pb)) if k != j]
             w2w_other.append((pa[others] - pb[others]).abs().mean().item())
+            if settings.gated_edit_start > 0:
+                gated = render.gated(vec, edited, settings.gated_edit_start, [INSTANCE_PROMPT], [0])
+                pg = evaluators.attributes(gated)[0]
+                gated_success.append(float(pg[j] > 0.5 if direction > 0 else pg[j] < 0.5))
+                gated_idsim.append(_cos(eb, evaluators.embed(gated)).item())
             if direction > 0:  # the prompting baseline can only add an attribute
                 prompted = render(vec, [f"{INSTANCE_PROMPT}, {_attr_word(attr)}"], [0])
                 pp = evaluators.attributes(prompted)[0]
@@ -161,6 +181,8 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
             "prompt_success": float(np.mean(prompt_success)) if prompt_success else None,
             "prompt_id_similarity": float(np.mean(prompt_idsim)) if prompt_idsim else None,
             "prompt_cases": len(prompt_success),
+            "gated_success": float(np.mean(gated_success)) if gated_success else None,
+            "gated_id_similarity": float(np.mean(gated_idsim)) if gated_idsim else None,
         }
     numbers["editing"] = edit_stats
     grid(edit_grid_rows, row_labels=edit_grid_labels, col_labels=["-2 sd", "-1 sd", "0", "+1 sd", "+2 sd"]).save(report_dir / "editing.png")
@@ -219,6 +241,35 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
     path.write_text("\n".join(md) + "\n")
     log(f"report: written to {path} in {numbers['seconds']:.0f}s")
     return path
+
+
+def _fidelity(store, space, evaluators, render, true_vector, settings: ReportSettings, report_dir: Path) -> dict:
+    """Do the training models hold their identities? (pipeline.eval.fidelity) + a grid of the renders."""
+    from pipeline.config import from_dict
+    from pipeline.data.source import IdentityDataError, IdentitySource
+    from pipeline.eval.fidelity import identity_fidelity
+    from w2w_core.render import grid, tensor_to_pil
+
+    cfg = from_dict(store.attrs["config"])
+    n = min(settings.fidelity_models, len(space.identities))
+    try:
+        source = IdentitySource(cfg.data.source)
+        images = [source.load_images(space.identities[i], max(2, cfg.data.images_per_identity), cfg.model.resolution)
+                  for i in range(n)]
+    except (IdentityDataError, FileNotFoundError) as err:
+        return {"skipped": f"the build's identity source is not readable here: {err}"}
+    names = [a for a in evaluators.attribute_names if a in space.labels]
+    labels = torch.stack([space.labels[a][:n] for a in names], dim=1) if names else None
+    out = identity_fidelity(render, evaluators, [true_vector(i) for i in range(n)], images, labels, names,
+                            prompt=INSTANCE_PROMPT, keep_renders=True)
+    renders, base_renders = out.pop("_renders"), out.pop("_base_renders")
+    rows = [[tensor_to_pil(images[i][0]), tensor_to_pil(images[i][1])] + [tensor_to_pil(x) for x in renders[i]]
+            for i in range(min(n, 8))]
+    rows.append([tensor_to_pil(images[0][0] * 0 + 1)] * 2 + [tensor_to_pil(x) for x in base_renders])
+    grid(rows, row_labels=[space.identities[i] for i in range(min(n, 8))] + ["base model"],
+         col_labels=["real 0", "real 1"] + [f"render s{s}" for s in out["seeds"]]).save(report_dir / "fidelity.png")
+    out["identity_ids"] = [space.identities[i] for i in range(n)]
+    return out
 
 
 def heldout_attribute_accuracy(space, attributes: list[str], folds: int = 4) -> dict[str, dict[str, float]]:
@@ -287,7 +338,7 @@ def _scatter(space, attribute: str | None, path: Path) -> None:
 
 def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
     s, inv = numbers["sampling"], numbers["inversion"]
-    lines = [
+    lines = _fidelity_markdown(numbers.get("fidelity") or {}) + [
         "## Sampling", "",
         "| metric | value |", "|---|---|",
         f"| ID similarity: sample vs its nearest training identity | {s['id_sim_sample_to_nearest_training']:.3f} |",
@@ -300,14 +351,17 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         "## Editing", "",
         "Each model is edited by 2 calibrated standard deviations along each direction, towards the attribute it lacks. Success = the classifier "
         "ends on the intended side. Prompting baseline: `sks person, <attribute>` on the unedited model (additions only).", "",
-        "| attribute | w2w success | w2w ID sim | Δ target | mean |Δ| other attrs | prompt success | prompt ID sim |",
-        "|---|---|---|---|---|---|---|",
+        f"Gated: the same edit applied only after the first {numbers['settings'].get('gated_edit_start', 0):g} of the "
+        "denoising steps (`--edit-start`; the unedited model lays out the image first).", "",
+        "| attribute | w2w success | w2w ID sim | Δ target | mean |Δ| other attrs | prompt success | prompt ID sim | gated success | gated ID sim |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for a in attributes:
         e = numbers["editing"][a]
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
         lines.append(f"| {a} | {e['w2w_success']:.2f} | {e['w2w_id_similarity']:.3f} | {e['w2w_target_change']:+.3f} | "
-                     f"{e['w2w_other_attribute_change']:.3f} | {fmt(e['prompt_success'])} ({e['prompt_cases']}) | {fmt(e['prompt_id_similarity'])} |")
+                     f"{e['w2w_other_attribute_change']:.3f} | {fmt(e['prompt_success'])} ({e['prompt_cases']}) | {fmt(e['prompt_id_similarity'])} | "
+                     f"{fmt(e.get('gated_success'))} | {fmt(e.get('gated_id_similarity'))} |")
     lines += [
         "", "![editing](editing.png)", "",
         "## Inversion", "",
@@ -334,3 +388,29 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         "![pc scatter](pc_scatter.png)", "",
     ]
     return lines
+
+
+def _fidelity_markdown(f: dict) -> list[str]:
+    lines = ["## Identity fidelity of the training models", ""]
+    if "skipped" in f or not f:
+        return lines + [f"Not measured: {f.get('skipped', 'no data')}", ""]
+    lines += [
+        f"Do the per-identity LoRAs hold their identities? {f['identities']} training models render `{f['prompt']}` at "
+        f"seeds {', '.join(map(str, f['seeds']))}; the identity embedder compares each render with the mean embedding "
+        "of that identity's own training images. Everything below (sampling, editing, inversion) rests on this number.", "",
+        "| metric | value |", "|---|---|",
+        f"| **fidelity**: renders vs their identity (mean ± sd over identities) | **{f['fidelity']:.3f} ± {f['fidelity_sd']:.3f}** |",
+        f"| floor: base-model renders (no LoRA), same prompt and seeds, vs the same identities | {f['floor']:.3f} |",
+        f"| ceiling: a real image vs its identity's other images | {f['ceiling']:.3f} |",
+        f"| id accuracy: a render's nearest identity (of {f['identities']}) is its own (chance {f['id_accuracy_chance']:.3f}) | {f['id_accuracy']:.2f} |",
+        f"| render change: mean abs pixel difference from the base renders (images in [-1, 1]) | {f['render_change']:.3f} |",
+    ]
+    if "attribute_agreement" in f:
+        lines += [
+            f"| attribute agreement: classifier on the renders vs the identity's labels | {f['attribute_agreement']:.3f} |",
+            f"| same, base-model renders (floor) / real images (ceiling) | {f['attribute_agreement_floor']:.3f} / {f['attribute_agreement_real']:.3f} |",
+        ]
+        per = f.get("attribute_agreement_per_attribute") or {}
+        if per:
+            lines += ["", "Attribute agreement per attribute: " + ", ".join(f"{a} {v:.2f}" for a, v in per.items()) + "."]
+    return lines + ["", "![fidelity](fidelity.png)", ""]
