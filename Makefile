@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.w2w-installed
 
-.PHONY: demo test install clean-venv docker-smoke
+.PHONY: demo test install clean-venv docker-smoke docker-smoke-local
 
 install: $(STAMP)
 
@@ -27,11 +27,16 @@ test: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-# Build the CPU image and smoke-test it (needs a Docker daemon; see docs/DEPLOY.md).
-# The synthetic trainer on the SD1.5/tiny layout needs no base model and no identity images.
+# Build the CPU image and smoke-test it (needs a Docker daemon; see docs/DEPLOY.md): `w2w --help`,
+# a synthetic build (no base model, no identity images), status, resume (docker/smoke-run.sh).
+# Minutes of CPU: not part of `make test`.
 DOCKER ?= docker
 IMAGE_CPU ?= w2w:cpu
 docker-smoke:
 	$(DOCKER) build -f docker/Dockerfile.cpu -t $(IMAGE_CPU) .
-	$(DOCKER) run --rm $(IMAGE_CPU) --help
-	$(DOCKER) run --rm $(IMAGE_CPU) build conf/tiny.yaml build.trainer=synthetic build.synthetic_layout=tiny build.synthetic_identities=64 build.out=/tmp/w2w-smoke build.workers=2 --no-progress
+	DOCKER=$(DOCKER) bash docker/smoke-run.sh $(IMAGE_CPU)
+
+# The same where no registry and no PyTorch index is reachable (this sandbox): as root, a local
+# Debian base (debootstrap) + torch from a wheel on disk; starts dockerd if none runs.
+docker-smoke-local:
+	bash docker/smoke-local.sh
