@@ -204,3 +204,183 @@ def test_url_build_status_resume(cluster, source, reference, tmp_path, scheme):
                        np.arange(N_IDS), 3, method="gram")
     np.testing.assert_allclose(space.components.numpy(), ref.components, atol=1e-5)
     assert space.identities == WeightStore.open(str(reference)).manifest().column("identity").to_pylist()
+
+
+# ------------------------------------------------------------------ drivers: liveness, the lease, disk full
+def _popen_build(cluster, source, out, *flags, **extra):
+    import subprocess
+
+    from _raycluster import VENV_BIN
+
+    return subprocess.Popen([f"{VENV_BIN}/w2w", "build", "conf/tiny.yaml", *overrides(cluster, source, out, **extra),
+                             "--no-progress", *flags], env=cluster.env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _status(cluster, out) -> dict:
+    return json.loads(w2w("status", str(out), "--json", env=cluster.env, cwd=REPO).stdout)
+
+
+def _markers(out) -> dict:
+    from pipeline.builder.store import WeightStore
+
+    return WeightStore.open(str(out), mode="r").markers()
+
+
+def test_sigkill_driver_status_says_interrupted_then_resume(cluster, source, reference, tmp_path):
+    """kill -9 of the `w2w build` driver mid-build: `status` says running while its heartbeat is
+    fresh, then `[interrupted: driver on HOST pid N last seen T ago]` with the resume hint (never
+    running with an ETA); `w2w resume` (no --takeover: the lease is stale) completes the build
+    byte-identical to the uninterrupted reference."""
+    import os
+    import signal
+    import socket
+
+    from _raycluster import wait_for
+
+    out = tmp_path / "store"
+    from pipeline.builder.status import build_status
+
+    proc = _popen_build(cluster, source, out, **{"build.synthetic_delay_s": 3.0, "build.heartbeat_s": 1,
+                                                 "build.max_restarts": 0, "build.max_task_retries": 0})
+    try:
+        wait_for(lambda: (out / "shards").is_dir() and any((out / "shards").glob("*.json")) or proc.poll() is not None,
+                 timeout=150)
+        assert proc.poll() is None, proc.communicate()
+        st = build_status(str(out))  # in-process: quick enough to catch the build mid-way
+        assert st["state"] == "running" and st["driver"]["pid"] == proc.pid and st["driver"]["alive"]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    st = wait_for(lambda: (lambda s: s if s["state"] != "running" else None)(_status(cluster, out)), timeout=60, interval=1)
+    assert st["state"] == "interrupted" and st["shards"]["running"] == 0 and not st["driver"]["alive"]
+    assert st["shards"]["done"] < st["shards"]["total"]
+    text = w2w("status", str(out), env=cluster.env, cwd=REPO).stdout
+    assert f"[interrupted: driver on {socket.gethostname()} pid {proc.pid} last seen " in text
+    assert f"(not running: `w2w resume {out}`)" in text
+    res = w2w("resume", str(out), "build.synthetic_delay_s=0", env=cluster.env, cwd=REPO)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "gone (stale heartbeat)" in res.stdout
+    assert_same_store(out, reference)
+    assert _status(cluster, out)["state"] == "complete"
+
+
+def test_two_drivers_racing_one_builds_one_refuses(cluster, source, reference, tmp_path):
+    """Two `w2w build` on the same OUT at once: exactly one builds; the other exits 3 with one line
+    naming the holder (host, pid, age). Every marker comes from the winner's lease generation: no
+    shard was trained by both."""
+    import socket
+
+    out = tmp_path / "store"
+    procs = [_popen_build(cluster, source, out, **{"build.synthetic_delay_s": 0.3, "build.workers": 1})
+             for _ in range(2)]
+    results = [p.communicate(timeout=240) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 3], results
+    winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
+    err = results[loser][1].strip().splitlines()
+    assert len(err) == 1 and "is being built by driver on " in err[0], results[loser]
+    assert f"{socket.gethostname()} pid {procs[winner].pid}" in err[0] and "last seen" in err[0]
+    assert "--takeover" in err[0]
+    generations = {m.generation for m in _markers(out).values()}
+    assert len(generations) == 1 and generations != {0}
+    assert_same_store(out, reference)
+
+
+def test_takeover_fences_the_superseded_drivers_workers(cluster, source, reference, tmp_path):
+    """Driver A hangs (SIGSTOP) while its worker trains a shard; `w2w resume --takeover` (B) claims
+    the lease and finishes the build. A's worker then ends its shard after B's claim and writes
+    neither chunk nor marker for it (fenced by the lease generation); resumed, A exits 3 saying it
+    was taken over. The store equals the reference."""
+    import os
+    import signal
+    import time
+
+    from _raycluster import wait_for
+    from pipeline.builder.lease import current_claim
+
+    out = tmp_path / "store"
+    delay = 12.0  # A's shard outlasts B's start-up, so A's worker tries to write after B's claim
+
+    def inflight():
+        for p in sorted((out / "progress").glob("0*.json")) if (out / "progress").exists() else []:
+            try:
+                rec = json.loads(p.read_text())
+            except (json.JSONDecodeError, FileNotFoundError):
+                continue
+            if rec.get("state") == "running" and not (out / "shards" / p.name).exists():
+                return rec
+        return None
+
+    a = _popen_build(cluster, source, out, **{"build.synthetic_delay_s": delay, "build.workers": 1,
+                                              "build.heartbeat_s": 1, "build.max_restarts": 0,
+                                              "build.max_task_retries": 0})
+    try:
+        rec = wait_for(lambda: inflight() or a.poll() is not None, timeout=150)
+        assert a.poll() is None, a.communicate()
+        os.kill(a.pid, signal.SIGSTOP)
+        gen_a = rec["generation"]
+        b = w2w("resume", str(out), "build.synthetic_delay_s=0", "build.workers=1", "--takeover",
+                env=cluster.env, cwd=REPO, timeout=240)
+        assert b.returncode == 0, b.stdout + b.stderr
+        assert "taking over the build lease from driver on" in b.stdout and f"pid {a.pid}" in b.stdout
+        claim_b = current_claim(str(out))
+        assert claim_b.generation > gen_a
+        ends = rec["started_at"] + delay
+        assert ends > claim_b.started_at + 1, "B claimed after A's shard ended: the machine was too slow to test the fence"
+        time.sleep(max(0.0, ends + 3 - time.time()))  # A's worker has tried to write its shard by now
+        markers = _markers(out)
+        assert markers[rec["shard"]].generation == claim_b.generation, "A's fenced worker replaced B's marker"
+        late = {s: m for s, m in markers.items() if m.generation == gen_a and m.finished_at >= claim_b.started_at}
+        assert not late, f"the superseded driver's workers wrote markers after the takeover: {late}"
+        assert_same_store(out, reference)
+        os.kill(a.pid, signal.SIGCONT)
+        _, a_err = a.communicate(timeout=120)
+        assert a.returncode == 3, a_err
+        assert "taken over by driver on" in a_err
+    finally:
+        if a.poll() is None:
+            os.kill(a.pid, signal.SIGCONT)
+            a.kill()
+    assert_same_store(out, reference)  # A, resumed, changed nothing
+    assert _status(cluster, out)["state"] == "complete"
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path):
+    """A real, small filesystem: a tmpfs mounted for this test (needs root / CAP_SYS_ADMIN; skipped
+    where mounts are not allowed; the fsspec write-fault test in test_build_lease.py runs anywhere)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "w2wtest", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); the fsspec write-fault test covers the code path")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_on_tmpfs_then_resume(cluster, source, reference, small_tmpfs):
+    """build.out on a 96 KiB tmpfs: the store's 6 chunks (~21 KB each) do not fit. The build exits 1;
+    each failed shard names ENOSPC (driver output and `w2w status`) and has no marker; after the
+    filesystem grows (remount: space freed) `w2w resume` completes to the reference's bytes."""
+    import subprocess
+
+    out = small_tmpfs / "store"
+    res = build(cluster, source, out, **{"build.max_restarts": 0, "build.max_task_retries": 0})
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "No space left on device" in res.stdout
+    st = _status(cluster, out)
+    markers = _markers(out)
+    assert st["shards"]["done"] == len(markers) < N_IDS // R
+    assert st["failed_shards"] and all("No space left on device" in e for e in st["failed_shards"].values())
+    assert not set(int(s) for s in st["failed_shards"]) & set(markers)
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
+    res = w2w("resume", str(out), env=cluster.env, cwd=REPO)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert_same_store(out, reference)
