@@ -378,8 +378,12 @@ def test_disk_full_on_tmpfs_then_resume(cluster, source, reference, small_tmpfs)
     st = _status(cluster, out)
     markers = _markers(out)
     assert st["shards"]["done"] == len(markers) < N_IDS // R
-    assert st["failed_shards"] and all("No space left on device" in e for e in st["failed_shards"].values())
-    assert not set(int(s) for s in st["failed_shards"]) & set(markers)
+    import re
+
+    failed = {int(s) for s in re.findall(r"shard (\d+) failed: ", res.stdout)}
+    assert failed and {int(s) for s in st["failed_shards"]} == failed  # every cause reached status
+    assert all("No space left on device" in e for e in st["failed_shards"].values())
+    assert not failed & set(markers) and st["shards"]["pending"] == 0
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
     res = w2w("resume", str(out), env=cluster.env, cwd=REPO)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -456,7 +456,9 @@ def _run_build_leased(cfg, plan: Plan, lease: BuildLease, t0: float, progress_ba
                                                   "finished_at": time.time(), "pid": os.getpid(), "workers": n_workers,
                                                   "host": socket.gethostname(), "generation": lease.generation,
                                                   "todo_at_start": len(todo), "n_shards": store.n_shards,
-                                                  "failed": sorted(summary.failed)})
+                                                  # reasons too: on a full disk this in-place rewrite may be
+                                                  # the only record of a shard's failure that fits
+                                                  "failed": {str(s): why for s, why in sorted(summary.failed.items())}})
         return summary
     finally:
         for actor in actors:

@@ -37,6 +37,14 @@ def build_status(out: str, now: float | None = None) -> dict:
             (stale if now - float(rec.get("updated_at", 0)) > STALE_AFTER_S else running).append(s)
         elif rec.get("state") == "failed":
             failed[s] = rec.get("error", "")
+    # Failures the driver recorded in its run record (a full disk may have refused the shard's own file).
+    if run and run.get("state") == "failed" and isinstance(run.get("failed"), dict):
+        for name, why in run["failed"].items():
+            s = int(name)
+            if s not in markers and s not in failed:
+                failed[s] = why
+                if s in running:
+                    running.remove(s)
     # Stores written before the lease existed have no claim: no driver of theirs can still run.
     live = claim is not None and claim.fresh(now)
     if not live or (run and run.get("state") in ("finished", "failed")):
