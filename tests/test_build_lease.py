@@ -172,25 +172,28 @@ def test_write_faults_fail_the_shard_without_marker_then_resume(source, tmp_path
 
     url = f"faulty://wf-{uuid.uuid4().hex[:8]}/store"
     plan, lease, worker, store = _driver(_cfg(source, url))
+    codes = {1: errno.ENOSPC, 2: errno.EIO, 3: errno.EACCES}
     _Faults.rules = {"weights/c/1/": (errno.ENOSPC, "No space left on device"),
-                     "shards/000002.json.partial": (errno.EIO, "object store answered 503 SlowDown")}
+                     "shards/000002.json.partial": (errno.EIO, "object store answered 503 SlowDown"),
+                     "weights/c/3/": (errno.EACCES, "Permission denied")}
     try:
         for s in range(plan.n_shards):
-            if s in (1, 2):
+            if s in codes:
                 with pytest.raises(OSError) as err:
                     worker.run_shard(s, plan.shard_ids(s), 0, lease.generation)
-                assert err.value.errno == (errno.ENOSPC if s == 1 else errno.EIO)
+                assert err.value.errno == codes[s]
             else:
                 worker.run_shard(s, plan.shard_ids(s), 0, lease.generation)
     finally:
         _Faults.rules = {}
-    assert store.marker(1) is None and store.marker(2) is None
+    assert all(store.marker(s) is None for s in codes)
     assert not store.fs.exists(store.chunk_path(1)) and not store.fs.exists(store.marker_path(2) + ".partial")
     st = build_status(url)
-    assert st["shards"]["done"] == plan.n_shards - 2 and st["shards"]["failed"] == 2
+    assert st["shards"]["done"] == plan.n_shards - 3 and st["shards"]["failed"] == 3
     assert "No space left on device" in st["failed_shards"]["1"] and "503" in st["failed_shards"]["2"]
-    assert shards_to_do(WeightStore.open(url)) == [1, 2]
-    for s in (1, 2):  # space freed / the store answers again: resume
+    assert "Permission denied" in st["failed_shards"]["3"]
+    assert shards_to_do(WeightStore.open(url)) == [1, 2, 3]
+    for s in codes:  # space freed / the store answers again / permission fixed: resume
         worker.run_shard(s, plan.shard_ids(s), 0, lease.generation)
     assert shards_to_do(WeightStore.open(url)) == []
     got = WeightStore.open(url, mode="r")
@@ -214,3 +217,24 @@ def test_superseded_worker_writes_neither_chunk_nor_marker(source, tmp_path):
     assert marker["shard"] == 0 and store.marker(0).generation == newer.generation
     np.testing.assert_array_equal(store.read_shard(0)[0], synthetic_vector(plan.ids[0], store.numel, 0))
     newer.release()
+
+
+def test_store_from_before_new_config_keys_is_the_same_build(source, tmp_path):
+    """A store whose build_key predates data.follow_symlinks / data.max_image_pixels resumes while
+    those keep their defaults, and is refused (naming the key) when one is changed."""
+    from pipeline.builder.builder import _build_key_for, plan_build, prepare_store
+    from pipeline.builder.store import StoreError, WeightStore
+    from pipeline.builder.worker import TrainerContext
+
+    cfg = _cfg(source, tmp_path / "store")
+    ctx = TrainerContext.create(cfg)
+    store = prepare_store(cfg, plan_build(cfg), {"layout": ctx.layout.to_json(), "fingerprint": ctx.fingerprint})
+    old_key = dict(store.attrs["build_key"])
+    old_key["data"] = {k: v for k, v in old_key["data"].items() if k not in ("follow_symlinks", "max_image_pixels")}
+    store.group.attrs["build_key"] = old_key
+    store = WeightStore.open(str(tmp_path / "store"))
+    store.check_same_build({**store.attrs, "build_key": _build_key_for(cfg, store.attrs["build_key"])}, ignore=("config",))
+    cfg.data.follow_symlinks = True
+    with pytest.raises(StoreError, match="build_key.data.follow_symlinks"):
+        store.check_same_build({**store.attrs, "build_key": _build_key_for(cfg, store.attrs["build_key"])},
+                               ignore=("config",))
