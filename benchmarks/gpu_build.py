@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-out", default="", help="write the profiler's kernel table here")
     p.add_argument("--inversion-steps", type=int, default=400, help="0 = skip the inversion timing")
     p.add_argument("--inversion-components", type=int, default=10_000)
+    p.add_argument("--inversion-modes", default="eager",
+                   help="comma list of eager|compile, each optionally :STEPS (default --inversion-steps), "
+                        "e.g. eager:100,compile:400; compared per step in the same process")
     return p
 
 
@@ -191,8 +194,19 @@ def main(argv=None) -> dict:
     # -- 5. inversion at SD1.5 shape
     if own.inversion_steps > 0 and not tt.over_budget(args):
         try:
-            info["inversion"] = time_inversion(base, layout, args, size, own.inversion_steps, own.inversion_components)
-            print("inversion:", json.dumps(info["inversion"]), flush=True)
+            info["inversion"] = {}
+            inv_base = sd15_inversion_base(base, args, size)
+            for mode in [m for m in own.inversion_modes.split(",") if m]:
+                name, _, steps = mode.partition(":")
+                if name not in ("eager", "compile"):
+                    raise SystemExit(f"unknown inversion mode {name!r}; choose eager or compile")
+                if tt.over_budget(args):
+                    info["inversion"][name] = {"error": "skipped: time budget"}
+                    continue
+                info["inversion"][name] = time_inversion(inv_base, layout, size, int(steps or own.inversion_steps),
+                                                         own.inversion_components, compile=name == "compile")
+                print(f"inversion ({name}):", json.dumps(info["inversion"][name]), flush=True)
+                save()
         except Exception as err:
             info["inversion"] = {"error": f"{type(err).__name__}: {str(err)[:160]}"}
             print("inversion failed:", info["inversion"]["error"], flush=True)
@@ -283,12 +297,14 @@ def sd15_inversion_base(base, args, size):
                      device=base.device, dtype=base.dtype, resolution=size * 8, fingerprint="bench-inversion")
 
 
-def time_inversion(base, layout, args, size, steps: int, n_components: int) -> dict:
-    """Seconds for `w2w invert`'s optimisation at SD1.5 shape (the values do not change the time)."""
+def time_inversion(inv_base, layout, size, steps: int, n_components: int, compile: bool = False) -> dict:
+    """Seconds for `w2w invert`'s optimisation at SD1.5 shape (the values do not change the time).
+
+    A short call first pays the warm-up (and, with compile, the compilation); the timed call reuses it.
+    """
     from w2w_core.invert import invert
 
-    inv_base = sd15_inversion_base(base, args, size)
-    device = base.device
+    device = inv_base.device
     g = torch.Generator(device="cpu").manual_seed(0)
     D = layout.numel
     components = torch.randn(n_components, D, generator=g)
@@ -297,13 +313,23 @@ def time_inversion(base, layout, args, size, steps: int, n_components: int) -> d
     std = torch.full((D,), 1e-2, device=device)
     image = torch.rand(3, size * 8, size * 8, generator=g) * 2 - 1
     tt.reset_peak_memory(device)
-    invert(inv_base, layout, mean, std, components, image, steps=5)  # warm-up: kernels, allocator
+    t0 = time.perf_counter()
+    invert(inv_base, layout, mean, std, components, image, steps=5, n_components=n_components, compile=compile)
     tt.sync(device)
-    result = invert(inv_base, layout, mean, std, components, image, steps=steps, n_components=n_components)
+    warm_s = time.perf_counter() - t0
+    stamps: list[float] = []  # invert reads the loss back every step, so these are step boundaries
+    result = invert(inv_base, layout, mean, std, components, image, steps=steps, n_components=n_components,
+                    compile=compile, progress=lambda step, loss: stamps.append(time.perf_counter()))
     tt.sync(device)
-    out = {"steps": steps, "components": result.components, "seconds": result.seconds,
+    gaps = sorted(b - a for a, b in zip(stamps[len(stamps) // 4:], stamps[len(stamps) // 4 + 1:]))
+    steady = gaps[len(gaps) // 2] if gaps else result.seconds / max(steps, 1)
+    out = {"mode": "compile" if compile else "eager", "warmup_s": warm_s, "steps": steps,
+           "components": result.components, "seconds": result.seconds,
+           "steady_ms_per_step": 1000 * steady, "first_step_s": (stamps[0] - t0 - warm_s) if stamps else None,
+           "seconds_at_400_steps": result.seconds / steps * 400,
            "ms_per_step": 1000 * result.seconds / steps, "published_a100_s": 55.0,
-           "base_dtype": str(base.dtype).replace("torch.", "")}
+           "base_dtype": str(inv_base.dtype).replace("torch.", ""),
+           "first_losses": result.losses[:5]}  # same seed in every mode: eager and compile must agree
     mem = tt.peak_memory_gb(device)
     if mem is not None:
         out["peak_mem_gb"] = mem

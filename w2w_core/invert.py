@@ -52,10 +52,14 @@ def invert(
     mask: torch.Tensor | None = None,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
+    compile: bool = False,
 ) -> InversionResult:
     """Fit the first `n_components` PC coefficients to one image (3, H, W) in [-1, 1].
 
     `mask` (H, W) in [0, 1] weights the loss per pixel (e.g. a face mask), resized to the latents.
+    `compile=True` runs the UNet call through torch.compile: one image per step leaves a large
+    UNet launch-bound (about 8,000 kernels per step at SD1.5 shape), and fusing them is what
+    shortens the step on a GPU (docs/BENCHMARKS.md); the first steps pay the compilation.
     """
     available = components.shape[0]
     k = available if n_components is None else int(n_components)
@@ -86,14 +90,20 @@ def invert(
     losses: list[float] = []
 
     with LoraSlot(base, layout, adapter_name="w2w_invert") as slot:
+
+        def predict_noise(vector, noisy, timestep):
+            params = slot.functional_params(vector)
+            return functional_call(base.unet, params, (noisy, timestep), {"encoder_hidden_states": text}).sample
+
+        if compile:
+            predict_noise = torch.compile(predict_noise)
         for step in range(steps):
             noise = torch.randn(latents.shape, generator=generator).to(device)
             timestep = torch.randint(0, num_train_timesteps, (1,), generator=generator).to(device)
             noisy = scheduler.add_noise(latents, noise, timestep).to(base.unet.dtype)
             vector = mean + coefficients @ basis
-            params = slot.functional_params(vector)
             with torch.autocast(device.type, dtype=base.dtype, enabled=base.dtype != torch.float32):
-                pred = functional_call(base.unet, params, (noisy, timestep), {"encoder_hidden_states": text}).sample
+                pred = predict_noise(vector, noisy, timestep)
             error = (pred.float() - noise) ** 2
             loss = (error * weight).sum() / weight.sum().clamp_min(1e-8) if weight is not None else error.mean()
             if not torch.isfinite(loss):
