@@ -191,6 +191,8 @@ def test_url_build_status_resume(cluster, source, reference, tmp_path, scheme):
     store.array[8:9] = np.zeros((1, store.numel), np.float32)
     st = json.loads(w2w("status", url, "--json", env=cluster.env, cwd=REPO).stdout)
     assert st["out"] == url and st["shards"]["done"] == N_IDS // R - 1 and st["state"] != "complete"
+    # the build lease lives on the URL too: the finished driver released it, no heartbeat is live
+    assert st["driver"]["state"] == "released" and st["driver"]["generation"] == 1 and not st["driver"]["alive"]
     res = w2w("resume", url, env=cluster.env, cwd=REPO)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 to do" in res.stdout
@@ -388,3 +390,27 @@ def test_disk_full_on_tmpfs_then_resume(cluster, source, reference, small_tmpfs)
     res = w2w("resume", str(out), env=cluster.env, cwd=REPO)
     assert res.returncode == 0, res.stdout + res.stderr
     assert_same_store(out, reference)
+
+
+def test_lease_on_s3_sees_another_processes_takeover(s3):
+    """s3fs caches directory listings per (reused) filesystem instance: the fence check must still
+    see a claim written by another process (here a takeover from a second Python process)."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.builder.lease import BuildLease, LeaseLost, check_fence
+
+    url = f"s3://{S3_BUCKET}/lease-cache/store"
+    lease = BuildLease(url, heartbeat_s=600, log=lambda m: None).acquire()
+    check_fence(url, lease.generation)  # lists the lease folder through this process's s3fs instance
+    code = ("import sys; from pipeline.builder.lease import BuildLease; "
+            "print(BuildLease(sys.argv[1], heartbeat_s=600, log=lambda m: None).acquire(takeover=True).generation)")
+    taken = subprocess.run([sys.executable, "-c", code, url], env=dict(os.environ), capture_output=True, text=True,
+                           timeout=120)
+    assert taken.returncode == 0 and taken.stdout.strip() == str(lease.generation + 1), taken.stderr
+    with pytest.raises(LeaseLost, match="taken over"):
+        check_fence(url, lease.generation)
+    with pytest.raises(LeaseLost):
+        lease.check()
+    lease.release()

@@ -101,6 +101,9 @@ def _lease_dir(out: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def _names(fs, folder: str) -> list[str]:
+    # Object-store filesystems (s3fs, gcsfs) cache directory listings per instance, and fsspec
+    # reuses instances: a long-lived worker would never see another driver's newer claim.
+    fs.invalidate_cache(folder)
     try:
         return [p for p in fs.glob(join(folder, "gen-*.json")) if generation_of(p) is not None]
     except FileNotFoundError:
