@@ -7,7 +7,7 @@ ONE process on the same device, so every ratio below is measured side by side:
   1. the peft reference trainer at batch 1 and 2 (one identity at a time);
   2. the batched multi-LoRA trainer for K = 8, 16, 32, 64, 128, then the largest K that fits
      (doubling past the list, or one bisection step below the first OOM);
-  3. toggles at the best K: fp32 base weights (autocast only), channels_last, fused AdamW,
+  3. toggles at the best K: fp32 base weights (autocast only), bf16 without autocast, channels_last, fused AdamW,
      host loss sync every 10 steps, the toggles that helped combined, torch.compile (last,
      only when the time budget allows: it recompiles per call);
   4. a torch.profiler trace of 3 steps at the best K, kernels grouped by kind (GEMM/conv,
@@ -40,8 +40,11 @@ from pipeline.train.batched import BatchedOptions, train_batched  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 
 # toggle -> how it changes (BatchedOptions fields, base weight dtype)
-TOGGLES = ("fp32_base", "channels_last", "fused_adam", "sync_every_10", "compile")
+TOGGLES = ("fp32_base", "no_autocast", "channels_last", "fused_adam", "sync_every_10", "compile")
 COMBINABLE = ("channels_last", "fused_adam", "sync_every_10")
+# no_autocast: the bf16 base runs in bf16 end to end. Under autocast, CUDA runs group_norm and
+# layer_norm in fp32, so every norm casts its input up and the next conv casts it back: casts and
+# copies were a third of the kernel time at K=64 on an H200 (docs/BENCHMARKS.md). Not yet measured.
 KERNEL_KINDS = (  # first match wins; names are lower-cased CUDA kernel names
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
@@ -111,7 +114,8 @@ def main(argv=None) -> dict:
     base_opts = BatchedOptions(channels_last=args.channels_last, compile=args.compile, fused_adam=args.fused_adam,
                                sync_every=args.sync_every)
 
-    def measure(K: int, label: str, options: BatchedOptions, base_dtype: torch.dtype | None = None) -> dict:
+    def measure(K: int, label: str, options: BatchedOptions, base_dtype: torch.dtype | None = None,
+                mp: str | None = None) -> dict:
         if tt.over_budget(args):
             return emit({"config": label, "trainer": "batched", "K": K, "error": "skipped: time budget"})
         restore = base.dtype
@@ -119,7 +123,7 @@ def main(argv=None) -> dict:
             base.unet.to(base_dtype)
             base.dtype = base_dtype
         try:
-            return emit(tt.time_batched(base, layout, ctx, args, size, K, options, label=label))
+            return emit(tt.time_batched(base, layout, ctx, args, size, K, options, label=label, mp=mp))
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             return emit({"config": label, "trainer": "batched", "K": K, "error": "OOM"})
@@ -162,14 +166,16 @@ def main(argv=None) -> dict:
     reference = best if (best and best["K"] == K) else None
     helped = []
     for toggle in [t for t in toggles if t != "compile"] if K > 0 else []:
-        opts, dtype = BatchedOptions(**vars(base_opts)), None
+        opts, dtype, mp = BatchedOptions(**vars(base_opts)), None, None
         if toggle == "fp32_base":
             dtype = torch.float32
+        elif toggle == "no_autocast":
+            mp = "no"
         elif toggle == "sync_every_10":
             opts.sync_every = 10
         else:
             setattr(opts, toggle, True)
-        row = measure(K, f"batched K={K} +{toggle}", opts, dtype)
+        row = measure(K, f"batched K={K} +{toggle}", opts, dtype, mp)
         if reference and "samples_per_s" in row and toggle in COMBINABLE and row["samples_per_s"] > 1.01 * reference["samples_per_s"]:
             helped.append(toggle)
     if len(helped) > 1:
