@@ -29,27 +29,43 @@ sys.path.insert(0, str(REPO))
 ATTN = "[to_q,to_k,to_v,to_out.0]"
 ATTN_CONV = "[to_q,to_k,to_v,to_out.0,conv1,conv2]"
 CONV = "[conv1,conv2]"
+ALL = "[to_q,to_k,to_v,to_out.0,conv1,conv2,conv_shortcut,time_emb_proj,proj_in,proj_out,ff.net.0.proj,ff.net.2]"
 # name -> (description, overrides on conf/tiny.yaml, trainer)
+P = "train.prior_loss_weight=1"  # DreamBooth prior preservation (32 class images), as conf/tiny.yaml had before issue 14
+NP = "train.prior_loss_weight=0"
+QV = "lora.targets=[to_q,to_v]"
+# name -> (description, overrides on conf/tiny.yaml, trainer). Every row spells out what it depends on.
 ROWS: dict[str, tuple[str, list[str], str]] = {
-    "A": ("conf/tiny.yaml before issue 14 (r1 q/v, alpha 27, lr 2e-3, 100 steps, prior)",
-          ["lora.rank=1", "lora.alpha=27", "lora.targets=[to_q,to_v]", "train.lr=2e-3", "train.steps=100"], "batched"),
-    "B": ("r1 q/v alpha 27, lr 2e-3, 400 steps", ["lora.rank=1", "lora.alpha=27", "lora.targets=[to_q,to_v]", "train.lr=2e-3", "train.steps=400"], "batched"),
-    "H": ("r1 q/v alpha 27, lr 2e-4, 400 steps", ["lora.rank=1", "lora.alpha=27", "lora.targets=[to_q,to_v]", "train.lr=2e-4", "train.steps=400"], "batched"),
-    "I": ("r4 q/k/v/out alpha 27, lr 5e-4, 400 steps", ["lora.rank=4", "lora.alpha=27", f"lora.targets={ATTN}", "train.lr=5e-4", "train.steps=400"], "batched"),
-    "N": ("B without prior preservation", ["lora.rank=1", "lora.alpha=27", "lora.targets=[to_q,to_v]", "train.lr=2e-3", "train.steps=400",
-                                           "train.prior_loss_weight=0"], "batched"),
-    "S1": ("r1 q/v alpha=rank=1, lr 2e-3, 400 steps", ["lora.rank=1", "lora.alpha=1", "lora.targets=[to_q,to_v]", "train.lr=2e-3", "train.steps=400"], "batched"),
-    "S2": ("r1 q/v alpha=rank=1, lr 1e-2, 400 steps", ["lora.rank=1", "lora.alpha=1", "lora.targets=[to_q,to_v]", "train.lr=1e-2", "train.steps=400"], "batched"),
-    "S3": ("r4 q/k/v/out alpha=rank=4, lr 5e-3, no prior, 400 steps", ["lora.rank=4", "lora.alpha=4", f"lora.targets={ATTN}", "train.lr=5e-3",
-                                                                        "train.steps=400", "train.prior_loss_weight=0"], "batched"),
-    "V1": ("r4 attention + resnet conv1/conv2, alpha 4, lr 1e-3, prior, 400 steps",
-           ["lora.rank=4", "lora.alpha=4", f"lora.targets={ATTN_CONV}", "train.lr=1e-3", "train.steps=400"], "batched"),
-    "V2": ("V1 without prior", ["lora.rank=4", "lora.alpha=4", f"lora.targets={ATTN_CONV}", "train.lr=1e-3", "train.steps=400",
-                                "train.prior_loss_weight=0"], "batched"),
-    "V3": ("V2 with lr 3e-3", ["lora.rank=4", "lora.alpha=4", f"lora.targets={ATTN_CONV}", "train.lr=3e-3", "train.steps=400",
-                               "train.prior_loss_weight=0"], "batched"),
-    "V4": ("r4 conv1/conv2 only, alpha 4, lr 3e-3, no prior, 400 steps", ["lora.rank=4", "lora.alpha=4", f"lora.targets={CONV}", "train.lr=3e-3",
-                                                                          "train.steps=400", "train.prior_loss_weight=0"], "batched"),
+    "A": ("conf/tiny.yaml before issue 14: r1 q/v, alpha 27, lr 2e-3, 100 steps, prior",
+          ["lora.rank=1", "lora.alpha=27", QV, "train.lr=2e-3", "train.steps=100", P], "batched"),
+    "B": ("A with 400 steps", ["lora.rank=1", "lora.alpha=27", QV, "train.lr=2e-3", "train.steps=400", P], "batched"),
+    "H": ("B with lr 2e-4", ["lora.rank=1", "lora.alpha=27", QV, "train.lr=2e-4", "train.steps=400", P], "batched"),
+    "I": ("r4 q/k/v/out, alpha 27, lr 5e-4, 400 steps, prior", ["lora.rank=4", "lora.alpha=27", f"lora.targets={ATTN}", "train.lr=5e-4",
+                                                                 "train.steps=400", P], "batched"),
+    "N": ("B without prior preservation", ["lora.rank=1", "lora.alpha=27", QV, "train.lr=2e-3", "train.steps=400", NP], "batched"),
+    "S1": ("B with alpha = rank = 1", ["lora.rank=1", "lora.alpha=1", QV, "train.lr=2e-3", "train.steps=400", P], "batched"),
+    "S2": ("B with alpha = rank = 1, lr 1e-2", ["lora.rank=1", "lora.alpha=1", QV, "train.lr=1e-2", "train.steps=400", P], "batched"),
+    "S1N": ("r1 q/v, alpha = rank = 1, lr 1e-2, 400 steps, no prior", ["lora.rank=1", "lora.alpha=1", QV, "train.lr=1e-2",
+                                                                        "train.steps=400", NP], "batched"),
+    "S3": ("r4 q/k/v/out, alpha = rank = 4, lr 5e-3, 400 steps, no prior", ["lora.rank=4", "lora.alpha=4", f"lora.targets={ATTN}",
+                                                                           "train.lr=5e-3", "train.steps=400", NP], "batched"),
+    "V1": ("r4 attention + resnet conv1/conv2, alpha 4, lr 1e-3, 400 steps, prior",
+           ["lora.rank=4", "lora.alpha=4", f"lora.targets={ATTN_CONV}", "train.lr=1e-3", "train.steps=400", P], "batched"),
+    "V2": ("V1 without prior", ["lora.rank=4", "lora.alpha=4", f"lora.targets={ATTN_CONV}", "train.lr=1e-3", "train.steps=400", NP], "batched"),
+    "V3": ("V2 with lr 3e-3 (conf/tiny.yaml after issue 14, but 400 steps)",
+           ["lora.rank=4", "lora.alpha=4", f"lora.targets={ATTN_CONV}", "train.lr=3e-3", "train.steps=400", NP], "batched"),
+    "V3p": ("V3 with prior", ["lora.rank=4", "lora.alpha=4", f"lora.targets={ATTN_CONV}", "train.lr=3e-3", "train.steps=400", P], "batched"),
+    "V3s200": ("V3 with 200 steps", ["lora.rank=4", "lora.alpha=4", f"lora.targets={ATTN_CONV}", "train.lr=3e-3", "train.steps=200", NP],
+               "batched"),
+    "V3s800": ("V3 with 800 steps", ["lora.rank=4", "lora.alpha=4", f"lora.targets={ATTN_CONV}", "train.lr=3e-3", "train.steps=800", NP],
+               "batched"),
+    "V4": ("resnet conv1/conv2 only, r4, alpha 4, lr 3e-3, 400 steps, no prior",
+           ["lora.rank=4", "lora.alpha=4", f"lora.targets={CONV}", "train.lr=3e-3", "train.steps=400", NP], "batched"),
+    "V5": ("V3 with lr 1e-2", ["lora.rank=4", "lora.alpha=4", f"lora.targets={ATTN_CONV}", "train.lr=1e-2", "train.steps=400", NP], "batched"),
+    "R8": ("V3 with rank = alpha = 8", ["lora.rank=8", "lora.alpha=8", f"lora.targets={ATTN_CONV}", "train.lr=3e-3", "train.steps=400", NP],
+           "batched"),
+    "ALL": ("V3 plus conv_shortcut, time_emb_proj, proj_in/out, feed-forward",
+            ["lora.rank=4", "lora.alpha=4", f"lora.targets={ALL}", "train.lr=3e-3", "train.steps=400", NP], "batched"),
 }
 
 
@@ -123,6 +139,7 @@ def run_row(name: str, desc: str, overrides: list[str], trainer: str, n_ids: int
         "images": images, "numel": layout.numel, "train_seconds": round(train_s, 1), "threads": threads,
         "loadavg_after": os.getloadavg()[0],
         "fidelity": fid["fidelity"], "fidelity_sd": fid["fidelity_sd"], "floor": fid["floor"], "ceiling": fid["ceiling"],
+        "per_identity_fidelity": [round(v, 3) for v in fid["per_identity"]["fidelity"]],
         "id_accuracy": fid["id_accuracy"], "attribute_agreement": fid.get("attribute_agreement"),
         "attribute_agreement_floor": fid.get("attribute_agreement_floor"), "render_change": fid["render_change"],
         "denoise_mse_model": sum(mse_model) / n_ids, "denoise_mse_base": sum(mse_base) / n_ids,
@@ -131,6 +148,24 @@ def run_row(name: str, desc: str, overrides: list[str], trainer: str, n_ids: int
         "final_loss_mean": float(sum(r.loss_mean_last10 for r in results if r.status == "ok") / max(1, sum(r.status == "ok" for r in results))),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def markdown_table(path: str) -> str:
+    """The docs table (docs/TINY_WORLD.md) from a results file, one row per line, in file order."""
+    head = ("| row | config (overrides on conf/tiny.yaml) | LoRA numbers | train s, 8 ids | fidelity mean ± sd | "
+            "id acc (chance 0.125) | attribute agreement (base 0.65) | render change | denoising MSE model / base | dW/W |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for line in open(path):
+        r = json.loads(line)
+        lines.append(
+            f"| {r['row']} | {ROWS[r['row']][0] if r['row'] in ROWS else r['description']} | {r['numel']:,} | {r['train_seconds']:.0f} (load {r['loadavg_after']:.0f}) | "
+            f"{r['fidelity']:.3f} ± {r['fidelity_sd']:.3f} | {r['id_accuracy']:.2f} | {r['attribute_agreement']:.3f} | "
+            f"{r['render_change']:.3f} | {r['denoise_mse_model']:.4f} / {r['denoise_mse_base']:.4f} | {r['delta_w_over_w']:.2f} |")
+    lines += ["", "Exact overrides per row (`python benchmarks/fidelity_study.py --rows NAME` reruns it):", ""]
+    for line in open(path):
+        r = json.loads(line)
+        lines.append(f"- {r['row']}: `{' '.join(ROWS[r['row']][1] if r['row'] in ROWS else r['overrides'])}`")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -142,7 +177,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="docs/fidelity_study.jsonl")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table", metavar="JSONL", help="print the markdown table of a results file and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(args.table))
+        return 0
     if args.list:
         for k, (d, o, t) in ROWS.items():
             print(f"{k}: {d}\n    {t} {' '.join(o)}")
