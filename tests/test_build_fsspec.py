@@ -128,7 +128,7 @@ def test_class_latents_on_memory_url(tmp_path):
     url = f"memory://w2w-test-{uuid.uuid4().hex[:8]}/store/class_latents.safetensors"
     threads = torch.get_num_threads()
     try:
-        cfg = load_config(repo / "conf/tiny.yaml", ["model.device=cpu", "train.num_class_images=2",
+        cfg = load_config(repo / "conf/tiny.yaml", ["model.device=cpu", "train.prior_loss_weight=1", "train.num_class_images=2",
                                                     "train.class_image_steps=2"])
         ctx = TrainerContext.create(cfg)
         ctx.ensure_class_latents(url)

@@ -48,7 +48,7 @@ def source(tmp_path_factory):
 def overrides(cluster, source, out, **extra) -> list[str]:
     kv = {
         "data.source": str(source), "data.images_per_identity": IMAGES, "build.out": str(out),
-        "build.trainer": "batched", "model.device": "cpu", "train.steps": 3, "train.num_class_images": 4,
+        "build.trainer": "batched", "model.device": "cpu", "train.steps": 3, "train.prior_loss_weight": 1, "train.num_class_images": 4,
         "train.class_image_steps": 2, "build.rows_per_shard": R, "build.workers": 2,
         "build.ray_address": cluster.address,
     }
