@@ -155,15 +155,16 @@ def markdown_table(path: str) -> str:
     head = ("| row | config (overrides on conf/tiny.yaml) | LoRA numbers | train s, 8 ids | fidelity mean ± sd | "
             "id acc (chance 0.125) | attribute agreement (base 0.65) | render change | denoising MSE model / base | dW/W |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for line in open(path):
-        r = json.loads(line)
+    order = {name: i for i, name in enumerate(ROWS)}
+    records = [json.loads(line) for line in open(path)]
+    records.sort(key=lambda r: order.get(r["row"], len(order)))  # the study's order; stable for reruns
+    for r in records:
         lines.append(
             f"| {r['row']} | {ROWS[r['row']][0] if r['row'] in ROWS else r['description']} | {r['numel']:,} | {r['train_seconds']:.0f} (load {r['loadavg_after']:.0f}) | "
             f"{r['fidelity']:.3f} ± {r['fidelity_sd']:.3f} | {r['id_accuracy']:.2f} | {r['attribute_agreement']:.3f} | "
             f"{r['render_change']:.3f} | {r['denoise_mse_model']:.4f} / {r['denoise_mse_base']:.4f} | {r['delta_w_over_w']:.2f} |")
     lines += ["", "Exact overrides per row (`python benchmarks/fidelity_study.py --rows NAME` reruns it):", ""]
-    for line in open(path):
-        r = json.loads(line)
+    for r in records:
         lines.append(f"- {r['row']}: `{' '.join(ROWS[r['row']][1] if r['row'] in ROWS else r['overrides'])}`")
     return "\n".join(lines)
 
