@@ -12,6 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--invert-steps", type=int, default=200, help="inversion steps, also the LoRA baseline's (default 200)")
     parser.add_argument("--fidelity-models", type=int, default=16,
                         help="training models whose renders are compared with their identity's images (default 16)")
+    parser.add_argument("--invert-lr", type=float, default=1.0,
+                        help="Adam lr of the inversion over PC coefficients (default 1.0; see ReportSettings.invert_lr)")
     parser.add_argument("--render-steps", type=int, default=25, help="DDIM steps per rendered image (default 25)")
     parser.add_argument("--attribute", action="append", default=None, help="attributes to evaluate (default: all)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT/report/ (default: refuse)")
@@ -30,6 +32,7 @@ def run(args) -> int:
         edit_models=args.edit_models,
         invert_identities=args.invert_identities,
         invert_steps=args.invert_steps,
+        invert_lr=args.invert_lr,
         render_steps=args.render_steps,
         fidelity_models=args.fidelity_models,
         attributes=args.attribute or [],

@@ -26,7 +26,11 @@ class ReportSettings:
     edit_strength: float = 2.0  # in units of the calibrated sigma of each direction
     invert_identities: int = 4
     invert_steps: int = 200
-    invert_lr: float = 0.1
+    # Adam moves each coefficient by about lr per step; a space's coefficient spread (coef_std) sets how far
+    # a fit must go. The tiny space's coefficients spread 20-40 per PC, so 200 steps at the published 0.1
+    # reach under one sd (measured: coefficient norm 47 vs ~200 for training models); 1.0 (the published
+    # "out" preset's lr) reaches their scale.
+    invert_lr: float = 1.0
     gated_edit_start: float = 0.4  # timestep-gated edits measured next to plain ones (0 = skip)
     fidelity_models: int = 16  # training models whose renders are compared with their own identity's images
     render_steps: int = 25
@@ -122,6 +126,9 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
     confidence = (probs - 0.5).abs().mul(2).mean().item()
     noise_imgs = torch.rand(2 * n, 3, base.resolution, base.resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
     noise_conf = (evaluators.attributes(noise_imgs) - 0.5).abs().mul(2).mean().item()
+    # Real images of the data distribution (held-out SynthFaces identities): what "valid" looks like.
+    real_imgs = torch.cat([to_tensor(render_identity(settings.heldout_seed, h, 2)) for h in range(n)])
+    real_conf = (evaluators.attributes(real_imgs) - 0.5).abs().mul(2).mean().item()
     numbers["sampling"] = {
         "id_sim_sample_to_nearest_training": to_nearest.mean().item(),
         "id_sim_nearest_training_to_itself": nearest_self.mean().item(),
@@ -129,6 +136,7 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
         "novel_fraction": (to_nearest < nearest_self).float().mean().item(),
         "attribute_confidence_samples": confidence,
         "attribute_confidence_noise_images": noise_conf,
+        "attribute_confidence_real_images": real_conf,
     }
     grid([[tensor_to_pil(x) for x in imgs] + [tensor_to_pil(y) for y in near] for imgs, near in zip(sample_imgs, nearest_imgs)],
          row_labels=[f"sample {i}" for i in range(n)],
@@ -347,6 +355,7 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         f"| fraction of samples that are novel (less similar to the nearest identity than it is to itself) | {s['novel_fraction']:.2f} |",
         f"| attribute-classifier confidence on samples (0 = chance, 1 = certain) | {s['attribute_confidence_samples']:.3f} |",
         f"| same, on uniform-noise images (validity floor) | {s['attribute_confidence_noise_images']:.3f} |",
+        f"| same, on real images of held-out identities (validity target) | {s.get('attribute_confidence_real_images', float('nan')):.3f} |",
         "", "![sampling](sampling.png)", "",
         "## Editing", "",
         "Each model is edited by 2 calibrated standard deviations along each direction, towards the attribute it lacks. Success = the classifier "
