@@ -63,12 +63,13 @@ def identity_fidelity(
     base_emb = evaluators.embed(base_imgs)  # (S, E)
     floor = _cos(base_emb[:, None], means_t[None]).mean(0)  # (N,)
 
-    fidelity, id_hits, change, renders = [], [], [], []
+    fidelity, id_hits, change, renders, per_seed = [], [], [], [], []
     for i, vec in enumerate(vectors):
         imgs = render(vec, prompts, seeds)
         emb = evaluators.embed(imgs)
         sims = _cos(emb[:, None], means_t[None])  # (S, N)
         fidelity.append(sims[:, i].mean().item())
+        per_seed.append(sims[:, i])
         id_hits.append((sims.argmax(1) == i).float().mean().item())
         change.append((imgs - base_imgs).abs().mean().item())
         renders.append(imgs)
@@ -85,6 +86,9 @@ def identity_fidelity(
         "id_accuracy_chance": 1.0 / len(vectors),
         "render_change": float(np.mean(change)),
         "per_identity": {"fidelity": fidelity, "floor": floor.tolist(), "ceiling": ceiling},
+        # Mean over identities for each seed: a weak base model renders some initial noises badly for every model.
+        "per_seed": {"fidelity": torch.stack(per_seed).mean(0).tolist(),
+                     "floor": _cos(base_emb[:, None], means_t[None]).mean(1).tolist()},
     }
     if labels is not None and len(label_names):
         names = list(label_names)
