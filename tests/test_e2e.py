@@ -19,6 +19,16 @@ def built(tmp_path_factory):
         f"data.source={source}",
         f"build.out={out}",
         "train.steps=15",
+        # The mechanics checks below (known-coefficient inversion, edit direction) were calibrated on
+        # the rank-1 q/v recipe and stay on it; conf/tiny.yaml's conv recipe is covered end to end by
+        # `make demo` (docs/RESULTS.md), and piecewise by test_fidelity / test_train_equivalence /
+        # test_diffusers_export. On a 15-step conv space the known-coefficient inversion does not
+        # recover PC1 (cosine 0.25-0.60 measured), see docs/RESULTS.md.
+        "lora.rank=1",
+        "lora.alpha=27",
+        "lora.targets=[to_q,to_v]",
+        "train.lr=2e-3",
+        "train.prior_loss_weight=1",
         "train.num_class_images=4",
         "train.class_image_steps=4",
         "build.workers=1",
