@@ -5,6 +5,7 @@ the finalizer kills exactly the processes whose command line names this cluster'
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -169,6 +170,22 @@ def assert_same_store_bytes(out, ref) -> None:
     assert present[0] == present[1], "class latents written by one build only"
     if present[1]:
         assert latents[0][0].cat_file(latents[0][1]) == latents[1][0].cat_file(latents[1][1]), "class latents differ"
+
+
+@contextlib.contextmanager
+def serving(proc: subprocess.Popen, env: dict[str, str]):
+    """Export a local test server's endpoint env to this process for the block (clusters started
+    inside it pass the same env to their workers), then stop the server."""
+    import pytest
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def s3_server(bucket: str):

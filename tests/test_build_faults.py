@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.config import load_config
 
-from _raycluster import RayCluster, assert_same_store_bytes, build_killing_a_worker, s3_server, w2w
+from _raycluster import RayCluster, assert_same_store_bytes, build_killing_a_worker, s3_server, serving, w2w
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +29,8 @@ def s3():
     """A local S3 API (moto server; see _raycluster.s3_server) for build.out=s3://... ; this process
     and the Ray cluster (so every actor) get its endpoint and credentials."""
     proc, env = s3_server(S3_BUCKET)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
+    with serving(proc, env):
         yield env
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _raycluster import RayCluster, free_port, w2w, wait_for
+from _raycluster import RayCluster, free_port, serving, w2w, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -65,12 +65,8 @@ def gcs(tmp_path_factory):
     env = {"STORAGE_EMULATOR_HOST": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     # this process: the plain JSON-API filesystem even if gcsfs was imported before the env was set
     fsspec.register_implementation("gs", gcsfs.core.GCSFileSystem, clobber=True)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
+    with serving(proc, env):
         yield env
-    proc.terminate()
-    proc.wait(timeout=10)
     log.close()
 
 

@@ -44,13 +44,18 @@ def _assert_clean(base):
     assert all(not p.requires_grad for p in base.unet.parameters())
 
 
-def test_batched_equals_reference(world):
-    base, layout, cfg, class_latents = world
-    ids = _identities(3)
+def _train_both(base, layout, cfg, ids, class_latents):
+    """The same identities through the peft reference and the batched trainer; the base stays clean."""
     ref = train_identities(base, layout, cfg, ids, trainer="reference", class_latents=class_latents)
     _assert_clean(base)
     bat = train_identities(base, layout, cfg, ids, trainer="batched", class_latents=class_latents)
     _assert_clean(base)
+    return ref, bat
+
+
+def test_batched_equals_reference(world):
+    base, layout, cfg, class_latents = world
+    ref, bat = _train_both(base, layout, cfg, _identities(3), class_latents)
     for r, b in zip(ref, bat):
         assert r.status == b.status == "ok"
         assert r.identity_id == b.identity_id and b.steps == cfg.steps
@@ -161,11 +166,7 @@ def test_conv_lora_batched_equals_reference(world):
     layout = LoraLayout.from_unet(base.unet, rank=2, alpha=3, targets=("to_q", "conv1", "conv2", "conv_shortcut"))
     assert any(len(s) == 4 for _, s in layout.entries)
     cfg = dataclasses.replace(cfg, max_grad_norm=0.5, adam_eps=1e-5)
-    ids = _identities(3, seed=2)
-    ref = train_identities(base, layout, cfg, ids, trainer="reference", class_latents=class_latents)
-    _assert_clean(base)
-    bat = train_identities(base, layout, cfg, ids, trainer="batched", class_latents=class_latents)
-    _assert_clean(base)
+    ref, bat = _train_both(base, layout, cfg, _identities(3, seed=2), class_latents)
     for r, b in zip(ref, bat):
         assert r.status == b.status == "ok"
         conv_b = [k for k in layout.keys if "conv" in k and "lora_B" in k]
