@@ -152,17 +152,14 @@ def flops_per_sample(base, layout, ctx, args, size) -> float:
     """Measured FLOP of one training step (forward + backward, LoRA attached) divided by its samples."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.train.batched import MultiLoraLinear, _swap
-    from pipeline.train.common import check_layout_modules, module_shapes
+    from pipeline.train.batched import _multi_lora, _swap
+    from pipeline.train.common import check_layout_modules
 
     linears = check_layout_modules(layout, base.unet)
-    shapes = module_shapes(layout)
-    params = []
-    for m in layout.modules:
-        A = torch.nn.Parameter(torch.randn(1, layout.rank, shapes[m][0], device=base.device) * 0.01)
-        B = torch.nn.Parameter(torch.zeros(1, shapes[m][1], layout.rank, device=base.device))
-        params += [A, B]
-        _swap(base.unet, m, MultiLoraLinear(linears[m], A, B, layout.scaling))
+    for m in layout.modules:  # one identity's LoRA, as the batched trainer attaches it (linear or conv)
+        A = torch.nn.Parameter(torch.randn(1, *layout.shapes[f"{m}.lora_A.weight"], device=base.device) * 0.01)
+        B = torch.nn.Parameter(torch.zeros(1, *layout.shapes[f"{m}.lora_B.weight"], device=base.device))
+        _swap(base.unet, m, _multi_lora(linears[m], A, B, layout.scaling))
     try:
         n = 1
         lat = torch.randn(n, 4, size, size, device=base.device)

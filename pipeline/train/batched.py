@@ -24,7 +24,6 @@ from pipeline.train.common import (
     identity_generator,
     identity_losses,
     init_lora_A,
-    module_shapes,
     noisy_inputs,
     step_inputs,
 )
@@ -138,9 +137,8 @@ def train_batched(base, layout: LoraLayout, train_cfg, prepared: list[PreparedId
 def _train_group(base, unet, layout, linears, train_cfg, group, ctx, options) -> list[TrainResult]:
     device = base.device
     K = len(group)
-    shapes = module_shapes(layout)
     gens = [identity_generator(train_cfg.seed, p.seed) for p in group]
-    inits = [init_lora_A(layout, shapes, g, train_cfg) for g in gens]
+    inits = [init_lora_A(layout, g, train_cfg) for g in gens]
 
     A_params, B_params, params = {}, {}, []
     for m in layout.modules:

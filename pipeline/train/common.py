@@ -148,9 +148,7 @@ def identity_generator(train_seed: int, identity_seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def init_lora_A(
-    layout: LoraLayout, module_shapes: dict[str, tuple[int, int]], gen: torch.Generator, train_cfg=None
-) -> dict[str, torch.Tensor]:
+def init_lora_A(layout: LoraLayout, gen: torch.Generator, train_cfg=None) -> dict[str, torch.Tensor]:
     """lora_A for each adapted module (layout order): normal, std 1/rank (peft's gaussian init). B = 0.
 
     The shape is the layout's: (rank, in) for a linear, (rank, in, kh, kw) for a convolution.

@@ -20,7 +20,6 @@ from pipeline.train.common import (
     identity_losses,
     init_lora_A,
     is_finite,
-    module_shapes,
     noisy_inputs,
     step_inputs,
 )
@@ -72,7 +71,7 @@ def train_reference(base, layout: LoraLayout, train_cfg, prepared: PreparedIdent
 def _train(base, unet, layout, train_cfg, prepared, ctx, sync_loss) -> TrainResult:
     device = base.device
     gen = identity_generator(train_cfg.seed, prepared.seed)
-    A_init = init_lora_A(layout, module_shapes(layout), gen, train_cfg)
+    A_init = init_lora_A(layout, gen, train_cfg)
     params = []
     for module_name in layout.modules:
         module = unet.get_submodule(module_name)
