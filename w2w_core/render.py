@@ -131,19 +131,29 @@ def edit_switch_step(edit_start: float, steps: int) -> int:
     return int(round(edit_start * int(steps)))
 
 
+def _gate(edit_start: float, steps: int, use_original: Callable[[], None], use_edited: Callable[[], None]):
+    """Put the weights the first step needs in place; return the step callback that switches to the
+    edit after `edit_start` of the steps (None when every step is edited)."""
+    k = edit_switch_step(edit_start, steps)
+    if k == 0:
+        use_edited()
+        return None
+    use_original()
+
+    def switch(i: int) -> None:
+        if i + 1 == k:
+            use_edited()
+
+    return switch
+
+
 @torch.no_grad()
 def generate_gated(base: BaseModel, slot: "LoraSlot", original: torch.Tensor, edited: torch.Tensor,
                    edit_start: float, prompts: Sequence[str], seed: int | Sequence[int] = 0, steps: int = 25, **kwargs):
     """Render with the unedited weights for the first `edit_start` of the steps, then the edited ones
     (the paper's timestep-gated edits). edit_start=0 is an ordinary render of `edited`."""
-    k = edit_switch_step(edit_start, steps)
-    slot.set(original if k > 0 else edited)
-
-    def switch(i: int) -> None:
-        if i + 1 == k:
-            slot.set(edited)
-
-    return generate(base, prompts, seed=seed, steps=steps, step_callback=switch if k > 0 else None, **kwargs)
+    switch = _gate(edit_start, steps, lambda: slot.set(original), lambda: slot.set(edited))
+    return generate(base, prompts, seed=seed, steps=steps, step_callback=switch, **kwargs)
 
 
 class GatedEditPipeline:
@@ -158,14 +168,11 @@ class GatedEditPipeline:
     def __call__(self, *args, num_inference_steps: int = 50, **kwargs):
         if "callback_on_step_end" in kwargs:
             raise ValueError("GatedEditPipeline uses callback_on_step_end itself to switch adapters")
-        k = edit_switch_step(self.edit_start, num_inference_steps)
-        self.pipe.set_adapters(self.original_adapter if k > 0 else self.edited_adapter)
-
-        def switch(i: int) -> None:
-            if i + 1 == k:
-                self.pipe.set_adapters(self.edited_adapter)
-
-        return self.pipe(*args, num_inference_steps=num_inference_steps, callback_on_step_end=_step_end(switch), **kwargs)
+        switch = _gate(self.edit_start, num_inference_steps, lambda: self.pipe.set_adapters(self.original_adapter),
+                       lambda: self.pipe.set_adapters(self.edited_adapter))
+        if switch is not None:
+            kwargs["callback_on_step_end"] = _step_end(switch)
+        return self.pipe(*args, num_inference_steps=num_inference_steps, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)

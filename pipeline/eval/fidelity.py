@@ -61,7 +61,8 @@ def identity_fidelity(
     means_t = torch.stack(means)  # (N, E)
     base_imgs = render(torch.zeros_like(vectors[0]), prompts, seeds)
     base_emb = evaluators.embed(base_imgs)  # (S, E)
-    floor = _cos(base_emb[:, None], means_t[None]).mean(0)  # (N,)
+    base_sims = _cos(base_emb[:, None], means_t[None])  # (S, N)
+    floor = base_sims.mean(0)  # (N,)
 
     fidelity, id_hits, change, renders, per_seed = [], [], [], [], []
     for i, vec in enumerate(vectors):
@@ -88,7 +89,7 @@ def identity_fidelity(
         "per_identity": {"fidelity": fidelity, "floor": floor.tolist(), "ceiling": ceiling},
         # Mean over identities for each seed: a weak base model renders some initial noises badly for every model.
         "per_seed": {"fidelity": torch.stack(per_seed).mean(0).tolist(),
-                     "floor": _cos(base_emb[:, None], means_t[None]).mean(1).tolist()},
+                     "floor": base_sims.mean(1).tolist()},
     }
     if labels is not None and len(label_names):
         names = list(label_names)

@@ -161,8 +161,11 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
             after = render(edited, [INSTANCE_PROMPT], [0])
             pb, pa = evaluators.attributes(before)[0], evaluators.attributes(after)[0]
             eb, ea = evaluators.embed(before), evaluators.embed(after)
-            target_after = pa[j] > 0.5 if direction > 0 else pa[j] < 0.5
-            w2w_success.append(float(target_after))
+
+            def reached(p: torch.Tensor) -> float:  # the classifier ends on the intended side
+                return float(p[j] > 0.5 if direction > 0 else p[j] < 0.5)
+
+            w2w_success.append(reached(pa))
             w2w_idsim.append(_cos(eb, ea).item())
             w2w_target.append(((pa[j] - pb[j]) * direction).item())
             others = [k for k in range(len(pb)) if k != j]
@@ -170,7 +173,7 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
             if settings.gated_edit_start > 0:
                 gated = render.gated(vec, edited, settings.gated_edit_start, [INSTANCE_PROMPT], [0])
                 pg = evaluators.attributes(gated)[0]
-                gated_success.append(float(pg[j] > 0.5 if direction > 0 else pg[j] < 0.5))
+                gated_success.append(reached(pg))
                 gated_idsim.append(_cos(eb, evaluators.embed(gated)).item())
             if direction > 0:  # the prompting baseline can only add an attribute
                 prompted = render(vec, [f"{INSTANCE_PROMPT}, {_attr_word(attr)}"], [0])
