@@ -97,7 +97,7 @@ def plan_build(cfg) -> Plan:
     else:
         from pipeline.data.source import IdentitySource
 
-        src = IdentitySource(cfg.data.source)
+        src = IdentitySource.from_config(cfg.data)
         ids = list(src.ids)
         names = list(src.attribute_names)
         table = src.table

@@ -109,9 +109,7 @@ class TrainerContext:
         if self._source is None and not self.cfg.build.synthetic_identities:
             from pipeline.data.source import IdentitySource
 
-            data = self.cfg.data
-            self._source = IdentitySource(data.source, follow_symlinks=data.follow_symlinks,
-                                          max_image_pixels=data.max_image_pixels)
+            self._source = IdentitySource.from_config(self.cfg.data)
         return self._source
 
     # ------------------------------------------------------------------ class latents

@@ -43,6 +43,12 @@ def unsafe_name_reason(name: str) -> str | None:
 
 
 class IdentitySource:
+    @classmethod
+    def from_config(cls, data) -> "IdentitySource":
+        """The source a config's `data` section names, read with its safety settings (symlinks,
+        image size): the build, its workers and the report must all see the same identities."""
+        return cls(data.source, follow_symlinks=data.follow_symlinks, max_image_pixels=data.max_image_pixels)
+
     def __init__(self, root: str | Path, follow_symlinks: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         import pyarrow.parquet as pq
 

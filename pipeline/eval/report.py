@@ -264,7 +264,7 @@ def _fidelity(store, space, evaluators, render, true_vector, settings: ReportSet
     cfg = from_dict(store.attrs["config"])
     n = min(settings.fidelity_models, len(space.identities))
     try:
-        source = IdentitySource(cfg.data.source)
+        source = IdentitySource.from_config(cfg.data)
         images = [source.load_images(space.identities[i], max(2, cfg.data.images_per_identity), cfg.model.resolution)
                   for i in range(n)]
     except (IdentityDataError, FileNotFoundError) as err:
