@@ -23,9 +23,12 @@ BUILTIN_PREFIX = "builtin:"
 TINY_VOCAB_WORDS = (
     "a photo of the person sks and with without , . wearing having "
     "male female man woman beard eyeglasses glasses bangs smiling young old pale_skin "
-    "portrait face painting cartoon sketch in on at background red green blue"
+    "portrait face painting cartoon sketch in on at background red green blue "
+    # the traits pretraining captions name (pipeline.data.synthfaces.trait_phrases)
+    "hair eyes skin long short black brown chestnut blonde ginger grey fair light olive tan dark pale"
 ).split()
-TINY_MAX_TOKENS = 16
+# the longest pretraining caption (every attribute and trait phrase) is 22 tokens with <bos>/<eos>
+TINY_MAX_TOKENS = 24
 
 TINY_UNET = dict(
     sample_size=16,

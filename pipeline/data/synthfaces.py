@@ -110,6 +110,26 @@ def sample_identity(seed: int, index: int) -> Identity:
     return Identity(seed=int(seed), index=int(index), attributes=attributes, traits=traits)
 
 
+# Caption phrases for the traits identities differ in (the base model's pretraining captions name
+# them, so the model learns to draw each one distinctly; docs/TINY_WORLD.md). Palette order.
+HAIR_WORDS = ("black", "brown", "chestnut", "blonde", "ginger")
+SKIN_WORDS = ("fair", "light", "olive", "tan", "dark")
+IRIS_WORDS = ("brown", "blue", "green", "grey")
+
+
+def _nearest(palette: np.ndarray, colour: np.ndarray) -> int:
+    return int(np.argmin(((palette - np.asarray(colour)[None]) ** 2).sum(1)))
+
+
+def trait_phrases(identity: Identity) -> list[str]:
+    """Hair (length and colour), eye colour and skin tone as short phrases, e.g. "long blonde hair"."""
+    t, a = identity.traits, identity.attributes
+    length = "long" if t["hair_long"] > 0.3 else "short"
+    hair = "grey" if not a["young"] else HAIR_WORDS[_nearest(_HAIR, t["hair"])]
+    skin = "pale" if a["pale_skin"] else SKIN_WORDS[_nearest(_SKIN, t["skin"])]
+    return [f"{length} {hair} hair", f"{IRIS_WORDS[_nearest(_IRIS, t['iris'])]} eyes", f"{skin} skin"]
+
+
 # ----------------------------------------------------------------------------- rendering
 _LIN = (np.arange(RESOLUTION) + 0.5) / RESOLUTION * 2 - 1
 _GY, _GX = np.meshgrid(_LIN, _LIN, indexing="ij")
