@@ -70,15 +70,18 @@ class Renderer:
         self.slot.remove()
 
 
+def model_vectors(store, space):
+    """i -> the trained LoRA (flat vector) of the space's i-th model, read from the store."""
+    return lambda i: torch.from_numpy(np.asarray(store.array[space.rows[i]]))
+
+
 def _attr_word(name: str) -> str:
     return ATTRIBUTE_WORDS.get(name, name)
 
 
 def write_report(out: str | Path, settings: ReportSettings | None = None, log=print) -> Path:
     from pipeline.builder.store import WeightStore
-    from pipeline.data.synthfaces import render_identity, to_tensor
     from pipeline.eval.evaluators import load_evaluators
-    from w2w_core.render import grid, tensor_to_pil
     from w2w_core.space import WeightSpace
 
     settings = settings or ReportSettings()
@@ -93,22 +96,59 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
     evaluators = load_evaluators()
     render = Renderer(base, space.layout, settings.render_steps)
     attributes = settings.attributes or [a for a in sorted(space.directions) if a in evaluators.attribute_names]
-    attr_index = {a: evaluators.attribute_names.index(a) for a in attributes}
     numbers: dict = {"settings": settings.__dict__.copy()}
-    index_of = {identity: i for i, identity in enumerate(space.identities)}
 
-    def true_vector(i: int) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(store.array[space.rows[i]]))
+    true_vector = model_vectors(store, space)
 
     md: list[str] = ["# w2w quality report", "", f"Space: `{out}` — {len(space.identities)} models, {space.k} PCs, "
                      f"D = {space.layout.numel}. Evaluators: tiny-world identity embedder and attribute classifier.", ""]
 
     # ------------------------------------------------------------------ fidelity (first: everything rests on it)
     log("report: fidelity")
-    numbers["fidelity"] = _fidelity(store, space, evaluators, render, true_vector, settings, report_dir)
+    numbers["fidelity"] = measure_fidelity(store, space, evaluators, render, true_vector, settings, report_dir)
 
     # ------------------------------------------------------------------ sampling
     log("report: sampling")
+    numbers["sampling"] = measure_sampling(space, evaluators, render, true_vector, settings, report_dir)
+
+    # ------------------------------------------------------------------ editing
+    log("report: editing")
+    numbers["editing"] = measure_editing(space, evaluators, render, true_vector, attributes, settings, report_dir)
+
+    # ------------------------------------------------------------------ inversion
+    log("report: inversion")
+    # Fit both methods on the bare base model (no render adapter attached), then render.
+    render.close()
+    numbers["inversion"] = measure_inversion(space, store, base, evaluators, settings, report_dir)
+    render = Renderer(base, space.layout, settings.render_steps)
+
+    # ------------------------------------------------------------------ the weight space itself
+    log("report: weight space")
+    numbers["weight_space"] = {
+        "explained_variance_first5": [float(v) for v in (space.explained_variance_ratio[:5] if space.explained_variance_ratio is not None else [])],
+        "heldout_attribute_accuracy": heldout_attribute_accuracy(space, attributes),
+        "lora_effect": lora_effect(render, space, [true_vector(i) for i in range(min(4, len(space.identities)))]),
+    }
+
+    # ------------------------------------------------------------------ PC scatter
+    _scatter(space, attributes[0] if attributes else None, report_dir / "pc_scatter.png")
+    render.close()
+    numbers["seconds"] = time.perf_counter() - started
+    (report_dir / "report.json").write_text(json.dumps(numbers, indent=1))
+    md += _markdown(numbers, attributes) + targets_markdown(numbers)
+    path = report_dir / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    log(f"report: written to {path} in {numbers['seconds']:.0f}s")
+    return path
+
+
+def measure_sampling(space, evaluators, render, true_vector, settings: ReportSettings, report_dir: Path) -> dict:
+    """Are sampled models novel (vs their nearest training identity) and valid (attribute-classifier
+    confidence vs real and noise images)? + sampling.png."""
+    from pipeline.data.synthfaces import render_identity, to_tensor
+    from w2w_core.render import grid, tensor_to_pil
+
+    index_of = {identity: i for i, identity in enumerate(space.identities)}
     n = settings.sample_models
     sampled = space.sample(n, seed=settings.seed)
     sample_imgs, nearest_imgs = [], []
@@ -124,12 +164,16 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
     sample_self = _cos(s_emb[:, 0], s_emb[:, 1])
     probs = torch.cat([evaluators.attributes(x) for x in sample_imgs])
     confidence = (probs - 0.5).abs().mul(2).mean().item()
-    noise_imgs = torch.rand(2 * n, 3, base.resolution, base.resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    resolution = render.base.resolution
+    noise_imgs = torch.rand(2 * n, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
     noise_conf = (evaluators.attributes(noise_imgs) - 0.5).abs().mul(2).mean().item()
     # Real images of the data distribution (held-out SynthFaces identities): what "valid" looks like.
     real_imgs = torch.cat([to_tensor(render_identity(settings.heldout_seed, h, 2)) for h in range(n)])
     real_conf = (evaluators.attributes(real_imgs) - 0.5).abs().mul(2).mean().item()
-    numbers["sampling"] = {
+    grid([[tensor_to_pil(x) for x in imgs] + [tensor_to_pil(y) for y in near] for imgs, near in zip(sample_imgs, nearest_imgs)],
+         row_labels=[f"sample {i}" for i in range(n)],
+         col_labels=["seed 0", "seed 1", "nearest train s0", "nearest s1"]).save(report_dir / "sampling.png")
+    return {
         "id_sim_sample_to_nearest_training": to_nearest.mean().item(),
         "id_sim_nearest_training_to_itself": nearest_self.mean().item(),
         "id_sim_sample_to_itself": sample_self.mean().item(),
@@ -138,12 +182,15 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
         "attribute_confidence_noise_images": noise_conf,
         "attribute_confidence_real_images": real_conf,
     }
-    grid([[tensor_to_pil(x) for x in imgs] + [tensor_to_pil(y) for y in near] for imgs, near in zip(sample_imgs, nearest_imgs)],
-         row_labels=[f"sample {i}" for i in range(n)],
-         col_labels=["seed 0", "seed 1", "nearest train s0", "nearest s1"]).save(report_dir / "sampling.png")
 
-    # ------------------------------------------------------------------ editing
-    log("report: editing")
+
+def measure_editing(space, evaluators, render, true_vector, attributes: list[str], settings: ReportSettings,
+                    report_dir: Path) -> dict:
+    """Edit the first `edit_models` training models along each attribute's direction (plain, timestep-gated,
+    and the prompting baseline) -> per-attribute success, ID similarity, target/other change + editing.png."""
+    from w2w_core.render import grid, tensor_to_pil
+
+    attr_index = {a: evaluators.attribute_names.index(a) for a in attributes}
     edit_models = range(min(settings.edit_models, len(space.identities)))
     edit_stats = {}
     edit_grid_rows, edit_grid_labels = [], []
@@ -195,27 +242,26 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
             "gated_success": float(np.mean(gated_success)) if gated_success else None,
             "gated_id_similarity": float(np.mean(gated_idsim)) if gated_idsim else None,
         }
-    numbers["editing"] = edit_stats
     grid(edit_grid_rows, row_labels=edit_grid_labels, col_labels=["-2 sd", "-1 sd", "0", "+1 sd", "+2 sd"]).save(report_dir / "editing.png")
+    return edit_stats
 
-    # ------------------------------------------------------------------ inversion
-    log("report: inversion")
-    from pipeline.config import from_dict
-    from pipeline.train import IdentityInput, load_class_latents, train_identities
 
-    cfg = from_dict(store.attrs["config"])
-    train_cfg = _with_steps(cfg.train, settings.invert_steps)
-    class_latents = load_class_latents(store.class_latents_path) if train_cfg.prior_loss_weight > 0 else None
-    # Fit both methods on the bare base model (no render adapter attached), then render.
-    render.close()
+def measure_inversion(space, store, base, evaluators, settings: ReportSettings, report_dir: Path,
+                      lora_fits: list | None = None) -> dict:
+    """Invert one image of each held-out identity (never in the build) into the space, next to a single-image
+    LoRA trained with the same step budget; ID similarity of renders to the identity's other images
+    + inversion.png. Fits run on the bare base model: the caller must not hold a render adapter on `base`.
+    `lora_fits`: the baseline's `(fit, seconds)` per identity from `single_image_loras` (it does not depend on
+    the space's PCA, so a caller measuring several subspaces of one store trains it once); None: trained here."""
+    from pipeline.data.synthfaces import render_identity, to_tensor
+    from w2w_core.render import grid, tensor_to_pil
+
     fits = []
     for h in range(settings.invert_identities):
-        images = to_tensor(render_identity(settings.heldout_seed, h, 6))
+        images = heldout_images(settings, h)
         result = space.invert(images[0], steps=settings.invert_steps, lr=settings.invert_lr, seed=settings.seed, base=base)
-        t0 = time.perf_counter()
-        single = train_identities(base, space.layout, train_cfg, [IdentityInput(f"heldout{h}", images[:1], seed=h)],
-                                  trainer="batched", class_latents=class_latents)[0]
-        fits.append((images, result, single, time.perf_counter() - t0))
+        single, lora_seconds = lora_fits[h] if lora_fits is not None else single_image_loras(base, space.layout, store, settings, [h])[0]
+        fits.append((images, result, single, lora_seconds))
     render = Renderer(base, space.layout, settings.render_steps)
     inv_rows, inv_stats = [], {"w2w": [], "lora": [], "w2w_seconds": [], "lora_seconds": [], "same_identity_real": [], "other_identity_real": []}
     for h, (images, result, single, lora_seconds) in enumerate(fits):
@@ -230,31 +276,40 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
         inv_stats["same_identity_real"].append(_cos(evaluators.embed(images[:1]), target).mean().item())
         inv_stats["other_identity_real"].append(_cos(evaluators.embed(other), target).mean().item())
         inv_rows.append([tensor_to_pil(images[0])] + [tensor_to_pil(x) for x in renders] + [tensor_to_pil(x) for x in lora_renders])
-    numbers["inversion"] = {k: float(np.mean(v)) for k, v in inv_stats.items()}
+    numbers = {k: float(np.mean(v)) for k, v in inv_stats.items()}
     grid(inv_rows, row_labels=[f"held-out {h}" for h in range(len(inv_rows))],
          col_labels=["input", "w2w s0", "w2w s1", "w2w s2", "LoRA s0", "LoRA s1", "LoRA s2"]).save(report_dir / "inversion.png")
 
-    # ------------------------------------------------------------------ the weight space itself
-    log("report: weight space")
-    numbers["weight_space"] = {
-        "explained_variance_first5": [float(v) for v in (space.explained_variance_ratio[:5] if space.explained_variance_ratio is not None else [])],
-        "heldout_attribute_accuracy": heldout_attribute_accuracy(space, attributes),
-        "lora_effect": lora_effect(render, space, [true_vector(i) for i in range(min(4, len(space.identities)))]),
-    }
-
-    # ------------------------------------------------------------------ PC scatter
-    _scatter(space, attributes[0] if attributes else None, report_dir / "pc_scatter.png")
     render.close()
-    numbers["seconds"] = time.perf_counter() - started
-    (report_dir / "report.json").write_text(json.dumps(numbers, indent=1))
-    md += _markdown(numbers, attributes) + targets_markdown(numbers)
-    path = report_dir / "report.md"
-    path.write_text("\n".join(md) + "\n")
-    log(f"report: written to {path} in {numbers['seconds']:.0f}s")
-    return path
+    return numbers
 
 
-def _fidelity(store, space, evaluators, render, true_vector, settings: ReportSettings, report_dir: Path) -> dict:
+def heldout_images(settings: ReportSettings, h: int) -> torch.Tensor:
+    """Six images of held-out identity h (SynthFaces seed `heldout_seed`): image 0 is inverted, the rest are the target."""
+    from pipeline.data.synthfaces import render_identity, to_tensor
+
+    return to_tensor(render_identity(settings.heldout_seed, h, 6))
+
+
+def single_image_loras(base, layout, store, settings: ReportSettings, identities) -> list:
+    """The inversion baseline: a LoRA trained on image 0 of each held-out identity in `identities` with the
+    build's recipe and the inversion's step budget -> [(fit, seconds)]."""
+    from pipeline.config import from_dict
+    from pipeline.train import IdentityInput, load_class_latents, train_identities
+
+    train_cfg = _with_steps(from_dict(store.attrs["config"]).train, settings.invert_steps)
+    class_latents = load_class_latents(store.class_latents_path) if train_cfg.prior_loss_weight > 0 else None
+    out = []
+    for h in identities:
+        images = heldout_images(settings, h)
+        t0 = time.perf_counter()
+        single = train_identities(base, layout, train_cfg, [IdentityInput(f"heldout{h}", images[:1], seed=h)],
+                                  trainer="batched", class_latents=class_latents)[0]
+        out.append((single, time.perf_counter() - t0))
+    return out
+
+
+def measure_fidelity(store, space, evaluators, render, true_vector, settings: ReportSettings, report_dir: Path) -> dict:
     """Do the training models hold their identities? (pipeline.eval.fidelity) + a grid of the renders."""
     from pipeline.config import from_dict
     from pipeline.data.source import IdentityDataError, IdentitySource

@@ -332,15 +332,27 @@ def compute_subspace(
     seed: int = 0,
     memory_budget_bytes: int = 2 << 30,
     progress=default_progress,
+    rows: np.ndarray | None = None,
 ) -> PCAResult:
-    """Run the PCA of the store at `out` and write `<out>/subspace/{pca.safetensors,pca.json,explained_variance.png}`."""
+    """Run the PCA of the store at `out` and write `<out>/subspace/{pca.safetensors,pca.json,explained_variance.png}`.
+
+    `rows`: store rows to fit on, a subset of its valid rows in the order the subspace lists its models
+    (benchmarks/quality_scaling.py fits nested subsets); default every valid row."""
     import dask.array as da
 
     from pipeline.builder.store import WeightStore
 
     store = WeightStore.open(out, mode="r")
-    rows = store.valid_rows()
-    _say(progress, f"store {out}: {store.n_rows} rows, {rows.size} valid, D={store.numel}")
+    valid = store.valid_rows()
+    if rows is None:
+        rows = valid
+    else:
+        rows = np.asarray(rows, dtype=np.int64)
+        outside = np.setdiff1d(rows, valid)
+        if outside.size or np.unique(rows).size != rows.size:
+            raise SubspaceError(f"rows must be distinct valid rows of the store; {outside.size} are not valid "
+                                f"(e.g. {outside[:5].tolist()}), {rows.size - np.unique(rows).size} repeated")
+    _say(progress, f"store {out}: {store.n_rows} rows, {valid.size} valid, fitting on {rows.size}, D={store.numel}")
     x = da.from_zarr(store.weights_url, component="weights")
     result = pca_of_array(
         x,

@@ -1,0 +1,63 @@
+"""benchmarks/quality_scaling.py's core (pipeline.eval.scaling) at two tiny N on a planted store: every
+metric measured for each N, PCA fitted on the subset only, the store left untouched."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from subspace_helpers import planted_data, tiny_layout, write_store
+
+METRICS = ("inversion_w2w", "inversion_lora", "inversion_vs_lora", "edit_success", "edit_id_similarity",
+           "direction_accuracy", "novel_fraction", "validity_samples", "validity_real", "evr_first_k")
+
+
+def test_nested_subsets_measured_and_fitted_on_the_subset(tmp_path):
+    from pipeline.eval.report import ReportSettings
+    from pipeline.eval.scaling import nested_rows, run_scaling, write_outputs
+    from pipeline.subspace.pca import guard_std
+
+    out = tmp_path / "space"
+    x, labels, _ = planted_data(40, tiny_layout().numel, rank=4, noise=0.2, seed=3)
+    # balanced attributes, so the held-out accuracy of the directions has >= 20 of each class in the largest subset
+    labels = {"male": (np.arange(40) % 2).astype(np.int8), "young": (np.arange(40) // 2 % 2).astype(np.int8)}
+    write_store(out, x, labels, config={"model": {"path": "builtin:tiny"}, "train": {"prior_loss_weight": 0.0},
+                                        "subspace": {"components": 8}})
+    before = sorted(p.name for p in out.iterdir())
+    settings = ReportSettings(sample_models=2, edit_models=2, invert_identities=1, invert_steps=2, render_steps=2,
+                              fidelity_models=3, gated_edit_start=0.0)
+    updates = []
+    doc = run_scaling(out, [12, 40], tmp_path / "work", settings, seed=1, evr_k=3, log=lambda m: None,
+                      on_update=lambda d: updates.append(len(d["summary"])))
+    assert updates == [1, 2]
+    assert [r["n"] for r in doc["summary"]] == [12, 40] and [r["k"] for r in doc["summary"]] == [8, 8]
+    assert doc["direction_attributes"] == ["male", "young"]
+    for row in doc["summary"]:
+        for key in METRICS:
+            assert isinstance(row[key], float) and np.isfinite(row[key]), (row["n"], key, row[key])
+    assert "skipped" in doc["fidelity"]  # the planted store has no identity images: said, not invented
+    # The single-image LoRA baseline does not depend on the space: the same for every N.
+    assert doc["summary"][0]["inversion_lora"] == doc["summary"][1]["inversion_lora"]
+
+    # Explained variance comes from the subset's own PCA: first-K EVR of the standardised subset rows.
+    order = nested_rows(np.arange(40), 1)
+    evrs = []
+    for row, record in zip(doc["summary"], doc["results"]):
+        sub = x[order[: row["n"]]].astype(np.float64)
+        std, _ = guard_std(sub.std(axis=0, ddof=1))
+        z = (sub - sub.mean(axis=0)) / std
+        s = np.linalg.svd(z, compute_uv=False)
+        expected = (s[:3] ** 2).sum() / (s**2).sum()
+        assert abs(row["evr_first_k"] - expected) < 1e-4, (row["n"], row["evr_first_k"], expected)
+        evrs.append(row["evr_first_k"])
+        pca = json.loads((tmp_path / "work" / f"n{row['n']}" / "subspace" / "pca.json").read_text())
+        assert pca["n_models"] == row["n"]
+        assert set(record["weight_space"]["heldout_attribute_accuracy"]) == {"male", "young"}
+    assert abs(evrs[0] - evrs[1]) > 1e-3
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written into the build folder
+
+    write_outputs(doc, tmp_path / "q.json", tmp_path / "q.png", tmp_path / "q.md")
+    assert json.loads((tmp_path / "q.json").read_text())["summary"][1]["n"] == 40
+    assert (tmp_path / "q.png").stat().st_size > 0
+    rows = [line.split(" | ")[0] for line in (tmp_path / "q.md").read_text().splitlines() if line[:3] in ("| 1", "| 4")]
+    assert rows == ["| 12", "| 40"]
