@@ -14,6 +14,13 @@ rewritten after every N (a stopped run keeps the Ns that finished).
         --json docs/bench/quality_scaling_cpu.json --plot docs/images/results/quality_scaling.png \\
         --table /tmp/quality_scaling.md --threads 1
 
+With --build CONFIG the script first builds OUT itself, in this process and without Ray (run_build(local=True):
+the ShardWorker code every Ray actor runs, shard after shard; an interrupted build resumes), e.g. on a GPU box:
+
+    w2w synth runs/q2k/identities --identities 2000 --images 10
+    python benchmarks/quality_scaling.py runs/q2k --build conf/tiny.yaml --set data.source=runs/q2k/identities \
+        --set model.device=cuda --ns 128,500,2000 --json q2k.json --plot q2k.png --table q2k.md
+
 Pipeline code is imported from the installed project (`pip install -e .`); nothing here edits sys.path.
 """
 from __future__ import annotations
@@ -47,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", help="write the results here (JSON)")
     ap.add_argument("--plot", help="write the plot here (PNG)")
     ap.add_argument("--table", help="write the Markdown table here")
+    ap.add_argument("--build", metavar="CONFIG",
+                    help="first build OUT from this config in this process, without Ray (build.out=OUT; resumes a partial build)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for --build (repeatable), e.g. --set train.steps=300")
     ap.add_argument("--work", help="scratch folder for the per-N subspaces and report grids (default: a temporary one)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the permutation that orders the nested subsets (default 0)")
     ap.add_argument("--components", type=int, default=None,
@@ -96,6 +107,17 @@ def main(argv=None) -> int:
         write_outputs(doc, args.json, args.plot, args.table)
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.build:
+        from pipeline.builder.builder import run_build
+        from pipeline.config import load_config
+
+        cfg = load_config(args.build, [*args.set, f"build.out={args.out}"])
+        summary = run_build(cfg, progress_bar=False, log=log, local=True)
+        if summary.failed:
+            log(f"quality_scaling: build failed for {len(summary.failed)} shard(s): {summary.failed}; rerun to resume")
+            return 1
+        meta["build"] = {"config": args.build, "overrides": args.set, "seconds": summary.seconds,
+                         "shards_built": summary.done_now, "shards_before": summary.done_before}
     with tempfile.TemporaryDirectory(prefix="quality_scaling_") as tmp:
         doc = run_scaling(args.out, args.ns, args.work or tmp, settings, seed=args.seed, components=args.components,
                           evr_k=args.evr_k, log=log, on_update=save)

@@ -3,6 +3,7 @@ metric measured for each N, PCA fitted on the subset only, the store left untouc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -61,3 +62,27 @@ def test_nested_subsets_measured_and_fitted_on_the_subset(tmp_path):
     assert (tmp_path / "q.png").stat().st_size > 0
     rows = [line.split(" | ")[0] for line in (tmp_path / "q.md").read_text().splitlines() if line[:3] in ("| 1", "| 4")]
     assert rows == ["| 12", "| 40"]
+
+
+def test_local_build_needs_no_ray(tmp_path, monkeypatch):
+    """quality_scaling --build: run_build(local=True) trains every shard in this process through ShardWorker,
+    with `import ray` failing; a second run finds the build complete."""
+    import sys
+
+    from pipeline.builder.builder import run_build
+    from pipeline.builder.store import WeightStore
+    from pipeline.config import load_config
+    from pipeline.data.synthfaces import write_identity_source
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    write_identity_source(tmp_path / "ids", 5, 2)
+    conf = Path(__file__).resolve().parents[1] / "conf" / "tiny.yaml"
+    cfg = load_config(conf, [f"data.source={tmp_path / 'ids'}", f"build.out={tmp_path / 'out'}", "train.steps=2",
+                                         "build.rows_per_shard=2", "data.images_per_identity=2"])
+    summary = run_build(cfg, progress_bar=False, log=lambda m: None, local=True)
+    assert (summary.n_shards, summary.done_now, summary.failed, summary.workers) == (3, 3, {}, 1)
+    store = WeightStore.open(str(tmp_path / "out"), mode="r")
+    assert store.valid_rows().tolist() == [0, 1, 2, 3, 4]
+    assert np.isfinite(np.asarray(store.array[:])).all()
+    again = run_build(cfg, progress_bar=False, log=lambda m: None, local=True)
+    assert (again.done_before, again.done_now) == (3, 0)

@@ -338,8 +338,13 @@ def shards_to_do(store: WeightStore, verify: bool = True, threads: int = 4) -> l
     return [s for s in range(store.n_shards) if s not in done]
 
 
-def run_build(cfg, progress_bar: bool = True, verify: bool = True, log=print, takeover: bool = False) -> BuildSummary:
+def run_build(cfg, progress_bar: bool = True, verify: bool = True, log=print, takeover: bool = False,
+              local: bool = False) -> BuildSummary:
     """Plan, take the build lease, connect to Ray, start the actors, dispatch every unfinished shard, wait.
+
+    `local=True`: no Ray (need not be installed): one ShardWorker in this process, the code every
+    Ray actor runs, trains the unfinished shards one after another (one machine, e.g. a GPU box);
+    same store, markers, lease fencing and resume.
 
     Raises LeaseError (another live driver holds the store; `takeover=True` supersedes it) and
     LeaseLost (this driver was superseded while running: it stops, its workers write nothing more).
@@ -358,9 +363,80 @@ def run_build(cfg, progress_bar: bool = True, verify: bool = True, log=print, ta
         )
     lease = BuildLease(out, heartbeat_s=cfg.build.heartbeat_s, log=log).acquire(takeover=takeover)
     try:
-        return _run_build_leased(cfg, plan, lease, t0, progress_bar, verify, log)
+        run = _run_build_local if local else _run_build_leased
+        return run(cfg, plan, lease, t0, progress_bar, verify, log)
     finally:
         lease.release()
+
+
+def _already_complete(out: str, verify: bool, t0: float, log) -> BuildSummary | None:
+    """A summary when the store at `out` has every shard (nothing to start), else None."""
+    if not WeightStore.exists(out):
+        return None
+    store = WeightStore.open(out)
+    if shards_to_do(store, verify=verify):
+        return None
+    log(f"build at {out} is already complete: {store.n_shards}/{store.n_shards} shards; nothing to do")
+    return BuildSummary(out=out, n_shards=store.n_shards, done_before=store.n_shards, seconds=time.time() - t0)
+
+
+def _start_summary(cfg, plan: Plan, store: WeightStore, lease: BuildLease, t0: float, n_workers: int, todo: list,
+                   log, where: str) -> BuildSummary:
+    _advisory(store.write_progress, "build", {"state": "running", "started_at": t0, "pid": os.getpid(),
+                                              "host": socket.gethostname(), "workers": n_workers,
+                                              "generation": lease.generation,
+                                              "todo_at_start": len(todo), "n_shards": store.n_shards})
+    done_before = store.n_shards - len(todo)
+    log(f"building {cfg.build.out}: {len(plan.ids)} identities, {store.n_shards} shards "
+        f"({done_before} done, {len(todo)} to do) {where}, trainer={cfg.build.trainer}")
+    return BuildSummary(out=cfg.build.out, n_shards=store.n_shards, done_before=done_before, workers=n_workers)
+
+
+def _finish_summary(summary: BuildSummary, store: WeightStore, lease: BuildLease, t0: float, todo: list) -> BuildSummary:
+    summary.seconds = time.time() - t0
+    lease.check()
+    _advisory(store.write_progress, "build", {"state": "failed" if summary.failed else "finished", "started_at": t0,
+                                              "finished_at": time.time(), "pid": os.getpid(), "workers": summary.workers,
+                                              "host": socket.gethostname(), "generation": lease.generation,
+                                              "todo_at_start": len(todo), "n_shards": store.n_shards,
+                                              # reasons too: on a full disk this in-place rewrite may be
+                                              # the only record of a shard's failure that fits
+                                              "failed": {str(s): why for s, why in sorted(summary.failed.items())}})
+    return summary
+
+
+def _run_build_local(cfg, plan: Plan, lease: BuildLease, t0: float, progress_bar: bool, verify: bool, log) -> BuildSummary:
+    """`run_build(local=True)`: the shards in this process through ShardWorker, retried like Ray's tasks."""
+    from pipeline.config import to_dict
+
+    done = _already_complete(cfg.build.out, verify, t0, log)
+    if done is not None:
+        return done
+    worker = ShardWorker(to_dict(cfg), cfg.build.out, "local")
+    lease.check()
+    store = prepare_store(cfg, plan, worker.describe())
+    todo = shards_to_do(store, verify=verify)
+    if worker.ensure_class_latents():
+        log(f"class latents: {store.class_latents_path}")
+    summary = _start_summary(cfg, plan, store, lease, t0, 1, todo, log, "in this process (no Ray)")
+    bar = _bar(store.n_shards, summary.done_before, progress_bar)
+    for s in todo:
+        for attempt in range(cfg.build.max_task_retries + 1):
+            lease.check()
+            try:
+                info = worker.run_shard(s, plan.shard_ids(s), attempt, lease.generation)
+            except LeaseLost:
+                raise
+            except Exception as err:  # noqa: BLE001 - the shard failed: retry, then leave it for `w2w resume`
+                summary.failed[s] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+                continue
+            summary.failed.pop(s, None)
+            summary.done_now += 1
+            summary.quarantined += info["quarantined"]
+            bar.update(1)
+            break
+    bar.close()
+    return _finish_summary(summary, store, lease, t0, todo)
 
 
 def _run_build_leased(cfg, plan: Plan, lease: BuildLease, t0: float, progress_bar: bool, verify: bool, log) -> BuildSummary:
@@ -372,11 +448,10 @@ def _run_build_leased(cfg, plan: Plan, lease: BuildLease, t0: float, progress_ba
     out = cfg.build.out
     existing = WeightStore.exists(out)
     if existing:
-        store = WeightStore.open(out)
-        todo = shards_to_do(store, verify=verify)
-        if not todo:
-            log(f"build at {out} is already complete: {store.n_shards}/{store.n_shards} shards; nothing to do")
-            return BuildSummary(out=out, n_shards=store.n_shards, done_before=store.n_shards, seconds=time.time() - t0)
+        done = _already_complete(out, verify, t0, log)
+        if done is not None:
+            return done
+        todo = shards_to_do(WeightStore.open(out), verify=False)
     started_ray = connect_ray(cfg.build.ray_address)
     actors = []
     try:
@@ -395,17 +470,10 @@ def _run_build_leased(cfg, plan: Plan, lease: BuildLease, t0: float, progress_ba
         lease.check()
         store = prepare_store(cfg, plan, describe)
         todo = shards_to_do(store, verify=verify)
-        done_before = store.n_shards - len(todo)
         if ray.get(actors[0].ensure_class_latents.remote()):
             log(f"class latents: {store.class_latents_path}")
-        _advisory(store.write_progress, "build", {"state": "running", "started_at": t0, "pid": os.getpid(),
-                                                  "host": socket.gethostname(), "workers": n_workers,
-                                                  "generation": lease.generation,
-                                                  "todo_at_start": len(todo), "n_shards": store.n_shards})
-        summary = BuildSummary(out=out, n_shards=store.n_shards, done_before=done_before, workers=n_workers)
-        log(f"building {out}: {len(plan.ids)} identities, {store.n_shards} shards "
-            f"({done_before} done, {len(todo)} to do) on {n_workers} workers, trainer={cfg.build.trainer}")
-        bar = _bar(store.n_shards, done_before, progress_bar)
+        summary = _start_summary(cfg, plan, store, lease, t0, n_workers, todo, log, f"on {n_workers} workers")
+        bar = _bar(store.n_shards, summary.done_before, progress_bar)
         pending = deque(todo)
         attempts: dict[int, int] = {}
         free = list(range(n_workers))
@@ -450,16 +518,7 @@ def _run_build_leased(cfg, plan: Plan, lease: BuildLease, t0: float, progress_ba
                     summary.failed[s] = "no live workers left"
                 pending.clear()
         bar.close()
-        summary.seconds = time.time() - t0
-        lease.check()
-        _advisory(store.write_progress, "build", {"state": "failed" if summary.failed else "finished", "started_at": t0,
-                                                  "finished_at": time.time(), "pid": os.getpid(), "workers": n_workers,
-                                                  "host": socket.gethostname(), "generation": lease.generation,
-                                                  "todo_at_start": len(todo), "n_shards": store.n_shards,
-                                                  # reasons too: on a full disk this in-place rewrite may be
-                                                  # the only record of a shard's failure that fits
-                                                  "failed": {str(s): why for s, why in sorted(summary.failed.items())}})
-        return summary
+        return _finish_summary(summary, store, lease, t0, todo)
     finally:
         for actor in actors:
             try:
