@@ -16,6 +16,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# the browser tests (tests/test_serve.py) need Debian's chromium + chromium-driver: installed here
+	@# when missing and apt-get can run (root); otherwise those tests skip and say why
+	@if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+	      || echo "warning: apt-get could not install chromium chromium-driver: the browser tests will skip"; \
+	  else echo "note: no chromium/chromedriver and no root apt-get: the browser tests will skip"; fi; \
+	fi
 	@touch $(STAMP)
 
 demo: $(STAMP)

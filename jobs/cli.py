@@ -24,11 +24,12 @@ COMMANDS: dict[str, str] = {
     "edit": "edit an identity model along attribute directions and render the sweep",
     "invert": "invert one image into the subspace: a new LoRA for that identity",
     "report": "write the quality report (sampling, editing, inversion) with the tiny-world evaluators",
+    "serve": "start the interactive explorer: a web page to sample, edit, invert and download models",
     "demo": "run the whole pipeline on the embedded tiny world and print where the report is",
 }
 
 # Commands that load diffusers models (their loading bars are silenced).
-LOADS_MODELS = {"build", "resume", "sample", "edit", "invert", "report", "demo"}
+LOADS_MODELS = {"build", "resume", "sample", "edit", "invert", "report", "serve", "demo"}
 
 
 class UserError(Exception):

@@ -3,7 +3,7 @@ import sys
 
 from jobs.cli import COMMANDS, main
 
-EXPECTED = ["synth", "build", "status", "resume", "pca", "directions", "sample", "edit", "invert", "report", "demo"]
+EXPECTED = ["synth", "build", "status", "resume", "pca", "directions", "sample", "edit", "invert", "report", "serve", "demo"]
 
 
 def test_help_lists_every_subcommand():

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.subspace.directions import compute_directions
-from pipeline.subspace.pca import compute_subspace
-from subspace_helpers import planted_data, tiny_layout, write_store
+from subspace_helpers import tiny_layout, write_space
 from w2w_core.space import WeightSpace
 
 N, K = 80, 10
@@ -19,10 +17,7 @@ N, K = 80, 10
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("space_store")
-    x, labels, latent = planted_data(N, tiny_layout().numel, rank=8, noise=0.1, seed=3)
-    write_store(out, x, labels, rows_per_shard=16, quarantine={"id0007": "nan loss"})
-    compute_subspace(str(out), K, method="gram", progress=None)
-    compute_directions(str(out), disentangle={"beard": ["male"]}, progress=lambda m: None)
+    x = write_space(out, N, K, quarantine={"id0007": "nan loss"}, disentangle={"beard": ["male"]})
     return out, x
 
 
