@@ -6,7 +6,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Start a web page to explore the space at OUT: Sample (seeds -> new identities), Edit (one slider per "
+        f"{parser.description or 'start the interactive explorer'}. The page explores the space at OUT: Sample (seeds -> new identities), Edit (one slider per "
         "attribute direction in calibrated sigmas, with the identity similarity and attribute classifier scores "
         "where the space has evaluators: the tiny world), Invert (upload an image -> a model of that identity, "
         "which becomes the current model), Nearest (closest training identities) and Download (the current "
