@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ns", type=parse_ns, help="comma-separated subset sizes, e.g. 24,48,96,128")
     ap.add_argument("--from-json", metavar="JSON",
                     help="measure nothing: redraw --plot and --table (and rewrite --json) from an earlier run's JSON")
+    ap.add_argument("--overlay", action="append", default=[], metavar="LABEL=JSON",
+                    help="with --from-json: draw another run's curves dashed on the same plot (repeatable)")
     ap.add_argument("--json", help="write the results here (JSON)")
     ap.add_argument("--plot", help="write the plot here (PNG)")
     ap.add_argument("--table", help="write the Markdown table here")
@@ -135,9 +137,14 @@ def redraw(args) -> int:
 
     from pipeline.eval.scaling import summarize, table_markdown, write_outputs
 
-    doc = json.loads(Path(args.from_json).read_text())
-    doc["summary"] = [summarize(r, doc["fidelity"] or {}, doc["direction_attributes"], doc["evr_k"]) for r in doc["results"]]
-    write_outputs(doc, args.json, args.plot, args.table)
+    def load(path: str) -> dict:
+        doc = json.loads(Path(path).read_text())
+        doc["summary"] = [summarize(r, doc["fidelity"] or {}, doc["direction_attributes"], doc["evr_k"]) for r in doc["results"]]
+        return doc
+
+    doc = load(args.from_json)
+    others = [(label, load(path)) for label, path in (item.split("=", 1) for item in args.overlay)]
+    write_outputs(doc, args.json, args.plot, args.table, others)
     print(table_markdown(doc))
     return 0
 

@@ -62,6 +62,8 @@ def summarize(record: dict, fidelity: dict, direction_attributes: list[str], evr
         "n": record["n"],
         "k": record["k"],
         "fidelity": fidelity.get("fidelity"),
+        "fidelity_floor": fidelity.get("floor"),
+        "fidelity_ceiling": fidelity.get("ceiling"),
         "inversion_w2w": inv["w2w"],
         "inversion_lora": inv["lora"],
         "inversion_vs_lora": inv["w2w"] / inv["lora"] if inv["lora"] else None,
@@ -199,34 +201,38 @@ CURVES = (  # (panel title, [(summary key, label)])
     ("sampling", [("novel_fraction", "novel fraction"), ("validity_samples", "attribute confidence, samples"),
                   ("validity_real", "same, real images")]),
     ("explained variance", [("evr_first_k", "first K PCs (cumulative)")]),
-    ("fidelity of the training models (not N-dependent)", [("fidelity", "fidelity")]),
+    ("fidelity of the training models (not N-dependent)", [("fidelity", "fidelity"), ("fidelity_floor", "floor: base model"),
+                                                            ("fidelity_ceiling", "ceiling: real images")]),
 )
 
 
-def write_plot(doc: dict, path: str | os.PathLike) -> None:
-    """Each metric against N (log scale), one panel per measurement."""
+def write_plot(doc: dict, path: str | os.PathLike, others: list[tuple[str, dict]] = ()) -> None:
+    """Each metric against N (log scale), one panel per measurement. `others`: (label, doc) of further runs
+    (another permutation seed, another K), drawn dashed in the same colours."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
+    def points(rows, key):
+        return [r["n"] for r in rows if r.get(key) is not None], [r[key] for r in rows if r.get(key) is not None]
+
     rows = doc["summary"]
-    ns = [r["n"] for r in rows]
+    ns = sorted({r["n"] for d in [doc, *(d for _, d in others)] for r in d["summary"]})
     fig = Figure(figsize=(13, 7))
     for p, (title, curves) in enumerate(CURVES):
         ax = fig.add_subplot(2, 3, p + 1)
         for key, label in curves:
-            ys = [r.get(key) for r in rows]
-            xs = [x for x, y in zip(ns, ys) if y is not None]
-            ys = [y for y in ys if y is not None]
             if key == "evr_first_k" and rows:
                 label = f"first {rows[-1]['evr_k']} PCs (cumulative)"
-            ax.plot(xs, ys, marker="o", label=label)
+            (line,) = ax.plot(*points(rows, key), marker="o", label=label)
+            for name, other in others:
+                ax.plot(*points(other["summary"], key), marker="x", ls="--", color=line.get_color(), alpha=0.7,
+                        label=f"{label}, {name}" if len(curves) == 1 else None)
         if key == "direction_accuracy":  # each attribute of the mean, thin
             for a in doc["direction_attributes"]:
-                accs = [r.get("direction_accuracy_per_attribute", {}).get(a) for r in rows]
-                ax.plot([x for x, y in zip(ns, accs) if y is not None], [y for y in accs if y is not None],
-                        lw=0.8, alpha=0.6, label=a)
+                accs = [{"n": r["n"], a: r.get("direction_accuracy_per_attribute", {}).get(a)} for r in rows]
+                ax.plot(*points(accs, a), lw=0.8, alpha=0.6, label=a)
         ax.set_xscale("log")
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.minorticks_off()
@@ -234,7 +240,9 @@ def write_plot(doc: dict, path: str | os.PathLike) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"quality vs number of models: nested subsets of {doc['out']} ({doc['models_valid']} models)", fontsize=11)
+    dashed = f"; dashed: {', '.join(name for name, _ in others)}" if others else ""
+    fig.suptitle(f"quality vs number of models: nested subsets of {doc['out']} ({doc['models_valid']} models, "
+                 f"permutation seed {doc['seed']}, K = min({doc['components']}, N-1){dashed})", fontsize=11)
     fig.tight_layout()
     fig.savefig(str(path), dpi=100)
 
@@ -261,13 +269,13 @@ def table_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(doc: dict, json_path=None, plot_path=None, table_path=None) -> None:
+def write_outputs(doc: dict, json_path=None, plot_path=None, table_path=None, others: list[tuple[str, dict]] = ()) -> None:
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(doc, indent=1, default=float))
     if plot_path and doc["summary"]:
         Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
-        write_plot(doc, plot_path)
+        write_plot(doc, plot_path, others)
     if table_path:
         Path(table_path).parent.mkdir(parents=True, exist_ok=True)
         Path(table_path).write_text(table_markdown(doc))
