@@ -46,6 +46,9 @@ class TrainConfig:
     # holds what training learned rather than each model's random initialisation.
     shared_init: bool = True
     mixed_precision: str = "no"  # no | bf16 | fp16
+    # torch.compile the UNet for the batched trainer's steps (on one H100 at the SD1.5 shape: 1.51x
+    # the samples/s after a one-off compilation; docs/BENCHMARKS.md). Off for the tiny CPU world.
+    compile: bool = False
     seed: int = 0
 
 

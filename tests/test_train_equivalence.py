@@ -174,3 +174,18 @@ def test_conv_lora_batched_equals_reference(world):
         assert moved > 1e-3  # the conv LoRAs really trained
         torch.testing.assert_close(b.vector, r.vector, atol=ATOL, rtol=0)
         assert b.final_loss == pytest.approx(r.final_loss, abs=1e-4)
+
+
+def test_train_compile_flag_reaches_the_batched_step(world, monkeypatch):
+    """conf/sd15.yaml's `train.compile: true` must compile the UNet the batched trainer steps through.
+    torch.compile itself is replaced by a recorder: compiling on a 2-core CI CPU takes minutes, and
+    the compiled step's speed and losses were measured on a GPU (docs/BENCHMARKS.md)."""
+    base, layout, cfg, class_latents = world
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    ids = _identities(2)
+    train_identities(base, layout, dataclasses.replace(cfg, steps=1, compile=False), ids, class_latents=class_latents)
+    assert compiled == []
+    train_identities(base, layout, dataclasses.replace(cfg, steps=1, compile=True), ids, class_latents=class_latents)
+    assert compiled == [base.unet]
+    _assert_clean(base)

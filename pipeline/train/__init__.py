@@ -119,6 +119,7 @@ def train_identities(
 
     # Latents are encoded once per identity, one group at a time (bounded memory).
     group_size = int(train_cfg.identities_per_batch) if trainer == "batched" else 1
+    options = options or BatchedOptions(compile=bool(train_cfg.compile))
     for start in range(0, len(good), group_size):
         idx = good[start : start + group_size]
         prepared = []
