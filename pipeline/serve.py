@@ -16,6 +16,7 @@ Gradio is imported only inside `build_app`/`serve`: the core install works witho
 extra (`pip install ".[ui]"`).
 """
 import os
+import re
 import tempfile
 import threading
 import time
@@ -128,6 +129,13 @@ class Explorer:
             model.renders[key] = self.render([model.vector], [prompt])
         return model.renders[key]
 
+    def edit_view(self, model: Model, strengths: dict[str, float], prompt: str = DEFAULT_PROMPT):
+        """What the Edit tab shows: renders of the edited and the unedited model (the latter cached on
+        `model`), and `scores` of the pair. Returns (edited, unedited, scores)."""
+        unedited = self.render_unedited(model, prompt)
+        edited = self.render([self.edited(model, strengths)], [prompt])
+        return edited, unedited, self.scores(edited, unedited)
+
     def scores(self, edited: torch.Tensor, unedited: torch.Tensor) -> dict:
         """ID similarity of the edited render to the unedited one, and the classifier's scores of both."""
         if self.evaluators is None:
@@ -168,7 +176,7 @@ class Explorer:
         PC coefficients, and the w2w model file (the layout in its header). Returns the files."""
         from safetensors.torch import save_file
 
-        name = "".join(c if c.isalnum() else "_" for c in label).strip("_") or "model"
+        name = re.sub(r"[^A-Za-z0-9+-]+", "_", label).strip("_") or "model"  # ASCII file names
         folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir))
         files = [self.space.save_lora(vector, folder / "diffusers", format="diffusers")]
         try:
@@ -208,9 +216,12 @@ def parse_seeds(text: str) -> list[int]:
 def scores_markdown(scores: dict) -> str:
     if not scores:
         return "No evaluators for this space (they exist for the tiny world): no ID similarity or attribute scores."
+    names = list(scores["attributes"])
     lines = [f"**ID similarity to the unedited model: {scores['id_similarity']:.3f}**", "",
-             "| attribute | edited | unedited |", "|---|---|---|"]
-    lines += [f"| {name} | {e:.2f} | {u:.2f} |" for name, (e, u) in scores["attributes"].items()]
+             "Attribute classifier: probability of each attribute", "",
+             "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for row, column in (("edited", 0), ("unedited", 1)):
+        lines.append(f"| {row} | " + " | ".join(f"{scores['attributes'][n][column]:.2f}" for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -260,9 +271,8 @@ def build_app(explorer: Explorer, max_upload_bytes: int = MAX_UPLOAD_BYTES):
         model = need(model)
         prompt = prompt or DEFAULT_PROMPT
         started = time.perf_counter()
-        unedited = explorer.render_unedited(model, prompt)
-        edited = explorer.render([explorer.edited(model, dict(zip(attributes, strengths)))], [prompt])
-        text = scores_markdown(explorer.scores(edited, unedited))
+        edited, unedited, found = explorer.edit_view(model, dict(zip(attributes, strengths)), prompt)
+        text = scores_markdown(found)
         shown = to_display(torch.cat([edited, unedited]))
         return shown[0], shown[1], text + f"\n\n*rendered in {time.perf_counter() - started:.2f} s*"
 
@@ -301,7 +311,7 @@ def build_app(explorer: Explorer, max_upload_bytes: int = MAX_UPLOAD_BYTES):
     @guarded
     def do_download(model: Model | None, *strengths):
         model = need(model)
-        label = describe(model, *strengths).replace("**Current model:** ", "")
+        label = model.label + "".join(f" {a}{s:+g}" for a, s in zip(attributes, strengths) if s)
         return [str(p) for p in explorer.export(explorer.edited(model, dict(zip(attributes, strengths))), label)]
 
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -319,19 +329,23 @@ def build_app(explorer: Explorer, max_upload_bytes: int = MAX_UPLOAD_BYTES):
                     sample_prompt = gr.Textbox(DEFAULT_PROMPT, label="prompt", elem_id="sample-prompt")
                 sample_button = gr.Button("Sample", variant="primary", elem_id="sample-button")
                 gallery = gr.Gallery(label="new identities (click one to make it the current model)", columns=4,
-                                     height="auto", format="png", elem_id="sample-gallery")
+                                     height=340, object_fit="contain", format="png",
+                                     elem_id="sample-gallery")
             with gr.Tab("Edit", id="edit"):
                 edit_prompt = gr.Textbox(DEFAULT_PROMPT, label="prompt", elem_id="edit-prompt")
                 with gr.Row():
-                    with gr.Column():
+                    with gr.Column(scale=1):
                         for name in attributes:
                             sliders.append(gr.Slider(-SLIDER_RANGE, SLIDER_RANGE, value=0.0, step=0.25,
                                                      label=f"{name} (calibrated σ)", elem_id=f"slider-{name}"))
                         if not attributes:
-                            gr.Markdown(f"No attribute directions in this space: run `w2w directions` first.")
-                    edited_image = gr.Image(label="edited", format="png", interactive=False, elem_id="edited-image")
-                    unedited_image = gr.Image(label="unedited", format="png", interactive=False, elem_id="unedited-image")
-                scores = gr.Markdown(elem_id="edit-scores")
+                            gr.Markdown("No attribute directions in this space: run `w2w directions` first.")
+                    with gr.Column(scale=2):
+                        with gr.Row():
+                            edited_image = gr.Image(label="edited", format="png", interactive=False, elem_id="edited-image")
+                            unedited_image = gr.Image(label="unedited", format="png", interactive=False,
+                                                      elem_id="unedited-image")
+                        scores = gr.Markdown(elem_id="edit-scores")
             with gr.Tab("Invert", id="invert"):
                 with gr.Row():
                     upload = gr.Image(type="filepath", label="image (PNG/JPEG)", sources=["upload"], elem_id="invert-image")
@@ -346,13 +360,13 @@ def build_app(explorer: Explorer, max_upload_bytes: int = MAX_UPLOAD_BYTES):
                                          elem_id="invert-prompts")
                 invert_button = gr.Button("Invert", variant="primary", elem_id="invert-button")
                 invert_status = gr.Markdown(elem_id="invert-status")
-                invert_gallery = gr.Gallery(label="input and the inverted model in new prompts", columns=4, height="auto",
-                                            format="png", elem_id="invert-gallery")
+                invert_gallery = gr.Gallery(label="input and the inverted model in new prompts", columns=4, height=340,
+                                            object_fit="contain", format="png", elem_id="invert-gallery")
             with gr.Tab("Nearest", id="nearest"):
                 k_box = gr.Slider(1, 8, value=4, step=1, label="how many", elem_id="nearest-k")
                 nearest_button = gr.Button("Find the nearest training identities", variant="primary", elem_id="nearest-button")
                 nearest_gallery = gr.Gallery(label="current model and its nearest training identities", columns=5,
-                                             height="auto", format="png", elem_id="nearest-gallery")
+                                             height=300, object_fit="contain", format="png", elem_id="nearest-gallery")
                 nearest_table = gr.Dataframe(headers=["identity", "PC distance"], interactive=False, elem_id="nearest-table")
             with gr.Tab("Download", id="download"):
                 gr.Markdown("The current model (with its edits): `diffusers/pytorch_lora_weights.safetensors` for "

@@ -31,6 +31,7 @@ from subspace_helpers import write_space
 pytestmark = pytest.mark.slow
 pytest.importorskip("gradio", reason="the explorer needs the ui extra (gradio); `make install` installs it")
 webdriver = pytest.importorskip("selenium.webdriver", reason="the browser tests need selenium (dev extra)")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 
@@ -41,8 +42,9 @@ if CHROMIUM is None or CHROMEDRIVER is None:
                 "(Debian: apt-get install chromium chromium-driver; `make install` does it as root)",
                 allow_module_level=True)
 
-WAIT_S = 120  # generous: the CI machine has 2 cores shared with the rest of the suite
+WAIT_S = float(os.environ.get("W2W_SERVE_WAIT_S", 120))  # generous: CI has 2 cores shared with the rest of the suite
 SCREENSHOTS = os.environ.get("W2W_SERVE_SCREENSHOTS")
+EDIT, STRENGTH = "male", -2.0  # the slider the tests move (the planted space and the tiny world both have it)
 
 
 def _free_port() -> int:
@@ -124,7 +126,10 @@ def _wait(driver, condition, what: str, timeout: float = WAIT_S):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         _no_error(driver)
-        value = condition()
+        try:
+            value = condition()
+        except StaleElementReferenceException:  # the page re-rendered that element meanwhile: look again
+            value = None
         if value:
             return value
         time.sleep(0.25)
@@ -162,8 +167,11 @@ def _current(driver) -> str:
 def _screenshot(driver, name: str) -> None:
     if SCREENSHOTS:
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
-        driver.execute_script("window.scrollTo(0, 0)")
+        size = driver.get_window_size()
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(size["width"], max(size["height"], height))  # the whole page in one image
         driver.save_screenshot(str(Path(SCREENSHOTS) / f"serve_{name}.png"))
+        driver.set_window_size(size["width"], size["height"])
 
 
 def _download_links(driver) -> dict:
@@ -192,15 +200,14 @@ def test_sample_renders_several_seeds(browser):
 def test_slider_edit_changes_the_image(browser, space):
     _tab(browser, "Edit")
     before = _wait(browser, lambda: _images(browser, "#edited-image"), "the unedited render")[0]
-    name = sorted(space.directions)[0]
-    _set_slider(browser, name, 2)
+    _set_slider(browser, EDIT, STRENGTH)
     after = _wait(browser, lambda: (src := _images(browser, "#edited-image")) and src[0] != before and src[0],
                   "the edited render")
     unedited = _images(browser, "#unedited-image")[0]
     edited_px, before_px = _pixels(after), _pixels(before)
     assert np.abs(edited_px - before_px).mean() > 0.5, "moving a slider did not change the image"
     assert np.array_equal(_pixels(unedited), before_px), "the unedited render is not the model before the edit"
-    assert f"{name} +2σ" in _current(browser)
+    assert f"{EDIT} {STRENGTH:+g}σ" in _current(browser)
     scores = browser.find_element(By.ID, "edit-scores").text
     assert "ID similarity to the unedited model" in scores and "eyeglasses" in scores
     _screenshot(browser, "edit")
@@ -221,7 +228,7 @@ def test_download_lora_equals_current_model(browser, space, downloads):
     _wait(browser, lambda: lora.is_file() and (downloads / coefficients_name).is_file(), "the browser's downloads")
     _screenshot(browser, "download")
 
-    expected = space.edit(space.sample(1, seed=3)[0], {sorted(space.directions)[0]: 2.0})
+    expected = space.edit(space.sample(1, seed=3)[0], {EDIT: STRENGTH})
     torch.testing.assert_close(space.layout.load(lora), expected)  # diffusers keys, read by name
     from safetensors.torch import load_file
 
@@ -242,7 +249,7 @@ def test_nearest_lists_training_identities(browser, space):
     browser.find_element(By.ID, "nearest-button").click()
     _wait(browser, lambda: len(_images(browser, "#nearest-gallery")) == 5, "the current model and 4 neighbours")
     table = browser.find_element(By.ID, "nearest-table").text
-    expected = space.nearest(space.edit(space.sample(1, seed=3)[0], {sorted(space.directions)[0]: 2.0}), k=4)
+    expected = space.nearest(space.edit(space.sample(1, seed=3)[0], {EDIT: STRENGTH}), k=4)
     assert all(name in table for name, _ in expected)
     _screenshot(browser, "nearest")
 
