@@ -143,7 +143,7 @@ def redraw(args) -> int:
         return doc
 
     doc = load(args.from_json)
-    others = [(label, load(path)) for label, path in (item.split("=", 1) for item in args.overlay)]
+    others = [(label, load(path)) for label, path in (item.rsplit("=", 1) for item in args.overlay)]
     write_outputs(doc, args.json, args.plot, args.table, others)
     print(table_markdown(doc))
     return 0

@@ -208,7 +208,7 @@ CURVES = (  # (panel title, [(summary key, label)])
 
 def write_plot(doc: dict, path: str | os.PathLike, others: list[tuple[str, dict]] = ()) -> None:
     """Each metric against N (log scale), one panel per measurement. `others`: (label, doc) of further runs
-    (another permutation seed, another K), drawn dashed in the same colours."""
+    (another permutation seed, another K), drawn in the same colours, dashed, dotted, dash-dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,9 +226,9 @@ def write_plot(doc: dict, path: str | os.PathLike, others: list[tuple[str, dict]
             if key == "evr_first_k" and rows:
                 label = f"first {rows[-1]['evr_k']} PCs (cumulative)"
             (line,) = ax.plot(*points(rows, key), marker="o", label=label)
-            for name, other in others:
-                ax.plot(*points(other["summary"], key), marker="x", ls="--", color=line.get_color(), alpha=0.7,
-                        label=f"{label}, {name}" if len(curves) == 1 else None)
+            for o, (name, other) in enumerate(others):
+                ax.plot(*points(other["summary"], key), marker="xs+"[o % 3], ls=("--", ":", "-.")[o % 3],
+                        color=line.get_color(), alpha=0.7, label=f"{label}, {name}" if len(curves) == 1 else None)
         if key == "direction_accuracy":  # each attribute of the mean, thin
             for a in doc["direction_attributes"]:
                 accs = [{"n": r["n"], a: r.get("direction_accuracy_per_attribute", {}).get(a)} for r in rows]
@@ -240,7 +240,7 @@ def write_plot(doc: dict, path: str | os.PathLike, others: list[tuple[str, dict]
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    dashed = f"; dashed: {', '.join(name for name, _ in others)}" if others else ""
+    dashed = "".join(f"; {style}: {name}" for style, (name, _) in zip(("dashed", "dotted", "dash-dotted") * 9, others))
     fig.suptitle(f"quality vs number of models: nested subsets of {doc['out']} ({doc['models_valid']} models, "
                  f"permutation seed {doc['seed']}, K = min({doc['components']}, N-1){dashed})", fontsize=11)
     fig.tight_layout()
