@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--render-steps", type=int, default=25, help="DDIM steps per render (the server's default 25)")
     parser.add_argument("--invert-steps", type=int, default=100, help="inversion steps (the page's default 100)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (w2w serve's default 1)")
     parser.add_argument("--json", default=None, help="write the numbers here")
     args = parser.parse_args(argv)
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     from w2w_core.render import tensor_to_pil
     from w2w_core.space import WeightSpace
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     space = WeightSpace.load(args.out)
     explorer = Explorer(space, evaluators=load_evaluators(), render_steps=args.render_steps)

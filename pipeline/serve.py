@@ -15,6 +15,7 @@ Two layers:
 Gradio is imported only inside `build_app`/`serve`: the core install works without the `ui`
 extra (`pip install ".[ui]"`).
 """
+import functools
 import os
 import re
 import tempfile
@@ -232,14 +233,15 @@ def build_app(explorer: Explorer, max_upload_bytes: int = MAX_UPLOAD_BYTES):
     space, attributes = explorer.space, explorer.attributes
 
     def guarded(fn):
-        """Known input errors become a message in the page (gr.Error), never a stack trace."""
+        """Known input errors become a message in the page (gr.Error), never a stack trace. functools.wraps
+        keeps fn's signature visible: Gradio reads it to pass a live gr.Progress to do_invert."""
+        @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except (ValueError, FileNotFoundError) as err:
                 raise gr.Error(str(err)) from None
 
-        wrapper.__name__ = fn.__name__
         return wrapper
 
     def need(model: Model | None) -> Model:
@@ -329,8 +331,8 @@ def build_app(explorer: Explorer, max_upload_bytes: int = MAX_UPLOAD_BYTES):
                     sample_prompt = gr.Textbox(DEFAULT_PROMPT, label="prompt", elem_id="sample-prompt")
                 sample_button = gr.Button("Sample", variant="primary", elem_id="sample-button")
                 gallery = gr.Gallery(label="new identities (click one to make it the current model)", columns=4,
-                                     height=340, object_fit="contain", format="png",
-                                     elem_id="sample-gallery")
+                                     height=360, object_fit="contain", format="png",
+                                     fit_columns=False, elem_id="sample-gallery")
             with gr.Tab("Edit", id="edit"):
                 edit_prompt = gr.Textbox(DEFAULT_PROMPT, label="prompt", elem_id="edit-prompt")
                 with gr.Row():
@@ -360,18 +362,20 @@ def build_app(explorer: Explorer, max_upload_bytes: int = MAX_UPLOAD_BYTES):
                                          elem_id="invert-prompts")
                 invert_button = gr.Button("Invert", variant="primary", elem_id="invert-button")
                 invert_status = gr.Markdown(elem_id="invert-status")
-                invert_gallery = gr.Gallery(label="input and the inverted model in new prompts", columns=4, height=340,
-                                            object_fit="contain", format="png", elem_id="invert-gallery")
+                invert_gallery = gr.Gallery(label="input and the inverted model in new prompts", columns=4, height=360,
+                                            object_fit="contain", format="png", fit_columns=False,
+                                            elem_id="invert-gallery")
             with gr.Tab("Nearest", id="nearest"):
                 k_box = gr.Slider(1, 8, value=4, step=1, label="how many", elem_id="nearest-k")
                 nearest_button = gr.Button("Find the nearest training identities", variant="primary", elem_id="nearest-button")
                 nearest_gallery = gr.Gallery(label="current model and its nearest training identities", columns=5,
-                                             height=300, object_fit="contain", format="png", elem_id="nearest-gallery")
+                                             height=300, object_fit="contain", format="png", fit_columns=False,
+                                             elem_id="nearest-gallery")
                 nearest_table = gr.Dataframe(headers=["identity", "PC distance"], interactive=False, elem_id="nearest-table")
             with gr.Tab("Download", id="download"):
-                gr.Markdown("The current model (with its edits): `diffusers/pytorch_lora_weights.safetensors` for "
-                            "`pipe.load_lora_weights`, the kohya file for A1111/ComfyUI, its PC coefficients, and the "
-                            "w2w model file (`WeightSpace.layout.load`, `w2w edit --lora`).")
+                gr.Markdown("The current model (with its edits): `pytorch_lora_weights.safetensors` for diffusers (put it "
+                            "in a folder, then `pipe.load_lora_weights(folder)`), the kohya file for A1111/ComfyUI, its "
+                            "PC coefficients, and the w2w model file (`WeightSpace.layout.load`, `w2w edit --lora`).")
                 download_button = gr.Button("Prepare the files", variant="primary", elem_id="download-button")
                 files = gr.File(label="files", file_count="multiple", interactive=False, elem_id="download-files")
 
@@ -396,9 +400,15 @@ def build_app(explorer: Explorer, max_upload_bytes: int = MAX_UPLOAD_BYTES):
 
 
 def serve(out, host: str = "127.0.0.1", port: int = 7860, render_steps: int = 25, evaluators: bool = True,
-          block: bool = True, log=print):
-    """Load the space at `out`, start the explorer on host:port; returns (app, url) when not blocking."""
+          threads: int | None = 1, block: bool = True, log=print):
+    """Load the space at `out`, start the explorer on host:port; returns (app, url) when not blocking.
+
+    `threads`: torch's CPU threads (None: torch's default). One by default: a batch-1 render of the tiny
+    model gains nothing from a second thread, and two threads collapse when other processes share the
+    cores (docs/SERVE.md: 0.9 s against 8-80 s per render on the busy 2-core machine)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
+    if threads is not None:
+        torch.set_num_threads(int(threads))
     from w2w_core.space import WeightSpace
 
     space = WeightSpace.load(out)

@@ -167,11 +167,13 @@ def _current(driver) -> str:
 def _screenshot(driver, name: str) -> None:
     if SCREENSHOTS:
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
-        size = driver.get_window_size()
-        height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(size["width"], max(size["height"], height))  # the whole page in one image
-        driver.save_screenshot(str(Path(SCREENSHOTS) / f"serve_{name}.png"))
-        driver.set_window_size(size["width"], size["height"])
+        import base64
+
+        size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]  # the whole page, not the window
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+        (Path(SCREENSHOTS) / f"serve_{name}.png").write_bytes(base64.b64decode(shot["data"]))
 
 
 def _download_links(driver) -> dict:
@@ -186,10 +188,10 @@ def _set_slider(driver, name: str, value: float) -> None:
 
 
 def test_sample_renders_several_seeds(browser):
-    _type(browser, "#seeds textarea, #seeds input", "3, 4, 5")
+    _type(browser, "#seeds textarea, #seeds input", "3, 4, 5, 6")
     browser.find_element(By.ID, "sample-button").click()
-    srcs = _wait(browser, lambda: len(_images(browser, "#sample-gallery")) == 3 and _images(browser, "#sample-gallery"),
-                 "three sampled identities")
+    srcs = _wait(browser, lambda: len(_images(browser, "#sample-gallery")) == 4 and _images(browser, "#sample-gallery"),
+                 "four sampled identities")
     assert "sample seed 3" in _current(browser)
     first, second = _pixels(srcs[0]), _pixels(srcs[1])
     assert first.shape[0] >= 64 and first.std() > 1, "a blank render"
@@ -255,9 +257,13 @@ def test_nearest_lists_training_identities(browser, space):
 
 
 def test_invert_small_image_becomes_current_model(browser, tmp_path):
-    # the input: the nearest training identity's render, from the page
+    # the input: W2W_SERVE_INVERT_IMAGE (e.g. a held-out SynthFaces identity), else the nearest training
+    # identity's render from the page
     image = tmp_path / "face.png"
-    Image.fromarray(_pixels(_images(browser, "#nearest-gallery")[1]).astype(np.uint8)).resize((64, 64)).save(image)
+    if os.environ.get("W2W_SERVE_INVERT_IMAGE"):
+        Image.open(os.environ["W2W_SERVE_INVERT_IMAGE"]).convert("RGB").save(image)
+    else:
+        Image.fromarray(_pixels(_images(browser, "#nearest-gallery")[1]).astype(np.uint8)).resize((64, 64)).save(image)
     _tab(browser, "Invert")
     browser.find_element(By.CSS_SELECTOR, "#invert-image input[type=file]").send_keys(str(image))
     _set_number(browser, "#invert-steps", os.environ.get("W2W_SERVE_INVERT_STEPS", "3"))
@@ -300,9 +306,12 @@ def test_second_tab_has_its_own_model(browser, server, downloads):
         other.get(server)
         _wait(other, lambda: other.find_elements(By.ID, "sample-button"), "the second page")
         assert "none yet" in _current(other)
-        _type(other, "#seeds textarea, #seeds input", "7")
+        _type(other, "#seeds textarea, #seeds input", "7, 8")
         other.find_element(By.ID, "sample-button").click()
         _wait(other, lambda: "sample seed 7" in _current(other), "the second tab's sample")
+        _wait(other, lambda: len(_images(other, "#sample-gallery")) == 2, "its two images")
+        other.find_elements(By.CSS_SELECTOR, "#sample-gallery img")[1].click()  # picks seed 8
+        _wait(other, lambda: "sample seed 8" in _current(other), "the clicked sample to become current")
     finally:
         other.quit()
     # the first tab's model is still its inversion, on the server: its download is named after it

@@ -20,6 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "explorer, without login, to every machine that reaches this one)")
     parser.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
     parser.add_argument("--render-steps", type=int, default=25, help="DDIM denoising steps per rendered image (default 25)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for renders and inversions (default 1: the tiny model's renders gain "
+                             "nothing from more, and 2 threads slow down many times when other processes share the "
+                             "cores; docs/SERVE.md). 0 = torch's default (all cores), e.g. for SD1.5 on a big CPU")
     parser.add_argument("--no-evaluators", action="store_true",
                         help="do not load the tiny world's identity embedder and attribute classifier "
                              "(they are loaded only for spaces on the builtin tiny model anyway)")
@@ -35,7 +39,10 @@ def run(args) -> int:
         raise UserError("the explorer needs Gradio: pip install '.[ui]' (or the dev extra)")
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a TCP port (1..65535)")
+    if args.threads < 0:
+        raise UserError("--threads must be 0 (torch's default) or more")
     if args.render_steps < 1:
         raise UserError("--render-steps must be at least 1")
-    serve(args.out, host=args.host, port=args.port, render_steps=args.render_steps, evaluators=not args.no_evaluators)
+    serve(args.out, host=args.host, port=args.port, render_steps=args.render_steps, evaluators=not args.no_evaluators,
+          threads=args.threads or None)
     return 0
