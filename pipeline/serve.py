@@ -295,7 +295,8 @@ def build_app(explorer: Explorer, max_upload_bytes: int = MAX_UPLOAD_BYTES):
         from w2w_core.render import pil_to_tensor
 
         shown_input = to_display(pil_to_tensor(image, explorer.base.resolution)[None])[0]
-        text = (f"Inverted with {result.components} PCs, {len(result.losses)} steps in {result.seconds:.1f} s "
+        text = (f"Inverted with {result.components} PCs{' and the mask' if mask is not None else ''}, "
+                f"{len(result.losses)} steps in {result.seconds:.1f} s "
                 f"(final loss {result.losses[-1]:.4f}). It is now the current model: edit it in the Edit tab.")
         model = Model(result.vector, f"inversion of {Path(image_path).name}")
         return [(shown_input, "input")] + gallery, text, model, *reset

@@ -266,9 +266,17 @@ def test_invert_small_image_becomes_current_model(browser, tmp_path):
         Image.fromarray(_pixels(_images(browser, "#nearest-gallery")[1]).astype(np.uint8)).resize((64, 64)).save(image)
     _tab(browser, "Invert")
     browser.find_element(By.CSS_SELECTOR, "#invert-image input[type=file]").send_keys(str(image))
+    mask = tmp_path / "mask.png"
+    face = Image.new("L", (64, 64))
+    face.paste(255, (16, 8, 48, 56))  # white = counts in the loss
+    face.save(mask)
+    browser.find_element(By.CSS_SELECTOR, "#invert-mask input[type=file]").send_keys(str(mask))
+    _wait(browser, lambda: len(_images(browser, "#invert-image")) == 1 and len(_images(browser, "#invert-mask")) == 1,
+          "the previews of the image and the mask")
     _set_number(browser, "#invert-steps", os.environ.get("W2W_SERVE_INVERT_STEPS", "3"))
     browser.find_element(By.ID, "invert-button").click()
     _wait(browser, lambda: "Inverted with" in browser.find_element(By.ID, "invert-status").text, "the inversion")
+    assert "and the mask" in browser.find_element(By.ID, "invert-status").text
     assert len(_images(browser, "#invert-gallery")) == 4  # the input + 3 prompts
     _wait(browser, lambda: "inversion of face.png" in _current(browser) and "σ" not in _current(browser),
           "the sliders to reset")
