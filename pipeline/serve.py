@@ -226,8 +226,17 @@ def scores_markdown(scores: dict) -> str:
     return "\n".join(lines)
 
 
-def build_app(explorer: Explorer, max_upload_bytes: int = MAX_UPLOAD_BYTES):
-    """The Gradio Blocks of the explorer (call `.launch()` on it, or use `serve`)."""
+def launch_options(max_upload_bytes: int = MAX_UPLOAD_BYTES) -> dict:
+    """Keyword arguments for the app's `.launch()`: the upload size limit, enforced by the server before
+    any handler runs, and a theme without web fonts (the page works offline)."""
+    import gradio as gr
+
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    return dict(theme=theme, max_file_size=max_upload_bytes)
+
+
+def build_app(explorer: Explorer):
+    """The Gradio Blocks of the explorer (`.launch(**launch_options())` on it, or use `serve`)."""
     import gradio as gr
 
     space, attributes = explorer.space, explorer.attributes
@@ -317,8 +326,6 @@ def build_app(explorer: Explorer, max_upload_bytes: int = MAX_UPLOAD_BYTES):
         label = model.label + "".join(f" {a}{s:+g}" for a, s in zip(attributes, strengths) if s)
         return [str(p) for p in explorer.export(explorer.edited(model, dict(zip(attributes, strengths))), label)]
 
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
     with gr.Blocks(title="w2w explorer", analytics_enabled=False) as app:
         model_state = gr.State(None)
         seeds_state = gr.State([])
@@ -396,13 +403,12 @@ def build_app(explorer: Explorer, max_upload_bytes: int = MAX_UPLOAD_BYTES):
               show_progress="hidden")
         nearest_button.click(do_nearest, [model_state, k_box, edit_prompt, *sliders], [nearest_gallery, nearest_table])
         download_button.click(do_download, [model_state, *sliders], files)
-    app._w2w_launch = dict(theme=theme, max_file_size=max_upload_bytes)
     return app
 
 
 def serve(out, host: str = "127.0.0.1", port: int = 7860, render_steps: int = 25, evaluators: bool = True,
-          threads: int | None = 1, block: bool = True, log=print):
-    """Load the space at `out`, start the explorer on host:port; returns (app, url) when not blocking.
+          threads: int | None = 1, log=print) -> None:
+    """Load the space at `out` and serve the explorer on host:port until interrupted.
 
     `threads`: torch's CPU threads (None: torch's default). One by default: a batch-1 render of the tiny
     model gains nothing from a second thread, and two threads collapse when other processes share the
@@ -424,10 +430,8 @@ def serve(out, host: str = "127.0.0.1", port: int = 7860, render_steps: int = 25
         log(f"w2w serve: listening on {host}: anyone who reaches this address can use the explorer (no login)")
     app.queue(default_concurrency_limit=1)
     _, url, _ = app.launch(server_name=host, server_port=int(port), prevent_thread_lock=True, quiet=True,
-                           show_error=True, footer_links=[], **app._w2w_launch)
+                           show_error=True, footer_links=[], **launch_options())
     log(f"w2w explorer of {out}: {url} (Ctrl+C stops it)")
-    if not block:
-        return app, url
     try:
         while True:
             time.sleep(3600)
