@@ -18,6 +18,8 @@ extra (`pip install ".[ui]"`).
 import functools
 import os
 import re
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -432,6 +434,7 @@ def serve(out, host: str = "127.0.0.1", port: int = 7860, render_steps: int = 25
     _, url, _ = app.launch(server_name=host, server_port=int(port), prevent_thread_lock=True, quiet=True,
                            show_error=True, footer_links=[], **launch_options())
     log(f"w2w explorer of {out}: {url} (Ctrl+C stops it)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a terminate also cleans up below
     try:
         while True:
             time.sleep(3600)

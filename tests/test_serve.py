@@ -192,7 +192,7 @@ def test_sample_renders_several_seeds(browser):
     browser.find_element(By.ID, "sample-button").click()
     srcs = _wait(browser, lambda: len(_images(browser, "#sample-gallery")) == 4 and _images(browser, "#sample-gallery"),
                  "four sampled identities")
-    assert "sample seed 3" in _current(browser)
+    _wait(browser, lambda: "sample seed 3" in _current(browser), "the first seed to become the current model")
     first, second = _pixels(srcs[0]), _pixels(srcs[1])
     assert first.shape[0] >= 64 and first.std() > 1, "a blank render"
     assert np.abs(first - second).mean() > 1, "two seeds rendered the same image"
@@ -209,7 +209,7 @@ def test_slider_edit_changes_the_image(browser, space):
     edited_px, before_px = _pixels(after), _pixels(before)
     assert np.abs(edited_px - before_px).mean() > 0.5, "moving a slider did not change the image"
     assert np.array_equal(_pixels(unedited), before_px), "the unedited render is not the model before the edit"
-    assert f"{EDIT} {STRENGTH:+g}σ" in _current(browser)
+    _wait(browser, lambda: f"{EDIT} {STRENGTH:+g}σ" in _current(browser), "the edit in the current model's label")
     scores = browser.find_element(By.ID, "edit-scores").text
     assert "ID similarity to the unedited model" in scores and "eyeglasses" in scores
     _screenshot(browser, "edit")
