@@ -328,7 +328,8 @@ def build_app(explorer: Explorer):
         label = model.label + "".join(f" {a}{s:+g}" for a, s in zip(attributes, strengths) if s)
         return [str(p) for p in explorer.export(explorer.edited(model, dict(zip(attributes, strengths))), label)]
 
-    with gr.Blocks(title="w2w explorer", analytics_enabled=False) as app:
+    # delete_cache: renders, uploads and downloads older than an hour are deleted, hourly (and at a restart)
+    with gr.Blocks(title="w2w explorer", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         model_state = gr.State(None)
         seeds_state = gr.State([])
         gr.Markdown(f"# w2w explorer\n`{space!r}`")
