@@ -44,20 +44,24 @@ def test_loads_and_generates(base):
 
 
 def test_prompts_in_vocabulary(base):
+    """Every pretraining caption (attributes and trait phrases) and the engine's prompts are whole
+    tokens of the committed tokenizer and fit its length: nothing is <unk>, nothing is cut."""
     from jobs.pretrain_tiny import caption
+    from pipeline.data.synthfaces import sample_identity, trait_phrases
 
     rng = random.Random(0)
     attrs = dict(male=1, beard=1, eyeglasses=1, bangs=1, smiling=1, young=0, pale_skin=1)
     prompts = ["sks person", "a photo of a person"] + [caption(attrs, rng) for _ in range(50)]
+    for i in range(40):
+        ident = sample_identity(1000, i)
+        prompts += [caption(ident.attributes, rng, trait_phrases(ident)) for _ in range(5)]
+    prompts.append(caption(attrs, random.Random(1), ["long chestnut hair", "green eyes", "pale skin"], p_plain=0, p_empty=0))
     unk = base.tokenizer.unk_token_id
     for p in prompts:
-        # Known limitation: the tiny tokenizer's punctuation pre-tokenizer splits "pale_skin" into
-        # "pale" "_" "skin" (all <unk>); the committed model was trained with exactly that encoding,
-        # so prompts stay consistent with training. Every other word must be in the vocabulary.
-        ids = base.tokenizer(p.replace("pale_skin", ""), truncation=True, max_length=base.tokenizer.model_max_length).input_ids
+        ids = base.tokenizer(p).input_ids
         assert unk not in ids, p
-        assert len(base.tokenizer(p.replace("pale_skin", "")).input_ids) <= base.tokenizer.model_max_length, p
-    for w in ("sks", "person", "photo", "male", "female", "young", "old", "beard"):
+        assert len(ids) <= base.tokenizer.model_max_length, p
+    for w in ("sks", "person", "photo", "male", "female", "young", "old", "beard", "pale", "hair", "eyes"):
         assert w in TINY_VOCAB_WORDS
 
 
