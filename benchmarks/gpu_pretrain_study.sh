@@ -23,3 +23,7 @@ $PY -m jobs.pretrain_tiny --out "$OUT/short_traits" $common --vae-from "$OUT/vae
     --unet-steps 1800 --unet-batch 32 --unet-minutes "$UNET_MIN" > "$OUT/short_traits.log" 2>&1 &
 wait
 for r in long_traits long_attrs short_traits; do tail -n 1 "$OUT/$r.log" | cut -c1-600; done
+# one archive: the device tool returns only a few files per call (the first run of this script lost
+# its weights that way: only 8 of 44 files came back)
+tar -C "$OUT" -cf "$OUT/models.tar" vae long_traits long_attrs short_traits
+rm -rf "$OUT/vae" "$OUT/long_traits" "$OUT/long_attrs" "$OUT/short_traits"
