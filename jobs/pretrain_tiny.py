@@ -48,12 +48,12 @@ def caption(attrs: dict[str, int], rng: random.Random, traits: list[str] = (), p
         return CLASS_PROMPT
     words = [pos if attrs.get(name, 0) else neg for name, (pos, neg) in ATTR_WORDS.items()
              if not (traits and name == "pale_skin")]
-    words = [w for w in list(words) + list(traits) if w is not None and rng.random() < 0.85]
+    words = [w for w in words + list(traits) if w is not None and rng.random() < 0.85]
     rng.shuffle(words)
     return CLASS_PROMPT + (", " + " ".join(words) if words else "")
 
 
-def _render_identities(args: tuple[int, int, int, bool]):
+def _render_identities(args: tuple[int, int, int, int]):
     """Images, attributes and trait phrases of identities [start, stop) (one pool task)."""
     import numpy as np
 
@@ -63,10 +63,10 @@ def _render_identities(args: tuple[int, int, int, bool]):
     images, attrs, traits = [], [], []
     for i in range(start, stop):
         ident = sample_identity(seed, i)
-        for k in range(images_per_identity):
-            images.append(render(ident, k))
-            attrs.append(ident.attributes)
-            traits.append(trait_phrases(ident))
+        phrases = trait_phrases(ident)
+        images += [render(ident, k) for k in range(images_per_identity)]
+        attrs += [ident.attributes] * images_per_identity
+        traits += [phrases] * images_per_identity
     return np.stack(images), attrs, traits
 
 
