@@ -128,10 +128,7 @@ def run_row(name: str, desc: str, overrides: list[str], trainer: str, n_ids: int
     named = dict(base.unet.named_modules())
     dw, w = 0.0, 0.0
     for v in vectors[:2]:
-        state = layout.unflatten(v)
-        for m in layout.modules:
-            A, B = state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"]
-            delta = (B.flatten(1) @ A.flatten(1)) * layout.scaling
+        for m, delta in layout.deltas(v).items():
             dw += float(delta.norm())
             w += float(named[m].weight.norm())
     return {

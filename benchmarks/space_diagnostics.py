@@ -59,13 +59,9 @@ def seed_agreement(args) -> dict:
     results = train_identities(base, layout, cfg.train, inputs, trainer="batched")
     vectors = torch.stack([r.vector for r in results])
 
-    def merged(v):
-        state = layout.unflatten(v)
-        return torch.cat([(state[f"{m}.lora_B.weight"].flatten(1) @ state[f"{m}.lora_A.weight"].flatten(1)).flatten()
-                          for m in layout.modules]) * layout.scaling
-
+    merged = torch.stack([torch.cat([d.flatten() for d in layout.deltas(v).values()]) for v in vectors])
     same, diff = _centered_cosines(vectors, n)
-    merged_same, merged_diff = _centered_cosines(torch.stack([merged(v) for v in vectors]), n)
+    merged_same, merged_diff = _centered_cosines(merged, n)
     return {"measure": "seed-agreement", "overrides": args.overrides, "identities": n, "numel": layout.numel,
             "same_identity_cos": round(same, 3), "different_identity_cos": round(diff, 3),
             "merged_same_identity_cos": round(merged_same, 3), "merged_different_identity_cos": round(merged_diff, 3),

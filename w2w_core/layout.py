@@ -289,14 +289,18 @@ class LoraLayout:
         diffusers code in the path): the reference the exports are checked against. Conv modules:
         B is (out, r, 1, 1), A is (r, in, kh, kw), so B @ A reshapes to W's (out, in, kh, kw).
         """
-        state = self.unflatten(vector)
         out = {}
-        for module in self.modules:
+        for module, delta in self.deltas(vector).items():
             w = weights[f"{module}.weight"]
-            a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
-            delta = (b.flatten(1).double() @ a.flatten(1).double()).reshape(w.shape)
-            out[f"{module}.weight"] = (w.double() + self.scaling * delta).to(w.dtype)
+            out[f"{module}.weight"] = (w.double() + delta.reshape(w.shape)).to(w.dtype)
         return out
+
+    def deltas(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """module -> the update the LoRA adds to its weight, alpha/rank * B @ A, float64, as
+        (out, in * kh * kw): the function the LoRA computes, free of the factorisation's B A = (B M)(M^-1 A)."""
+        state = self.unflatten(vector)
+        return {m: self.scaling * (state[f"{m}.lora_B.weight"].flatten(1).double() @ state[f"{m}.lora_A.weight"].flatten(1).double())
+                for m in self.modules}
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
