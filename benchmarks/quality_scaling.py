@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     settings = ReportSettings(sample_models=args.sample_models, edit_models=args.edit_models,
                               invert_identities=args.invert_identities, invert_steps=args.invert_steps,
                               fidelity_models=args.fidelity_models, render_steps=args.render_steps,
-                              gated_edit_start=args.gated_edit_start, attributes=args.attribute or [])
+                              gated_edit_start=args.gated_edit_start, attributes=args.attribute or [],
+                              edit_sweep=())  # the curve uses the report's strength only
     started = time.time()
     meta = {"command": " ".join(["python", "benchmarks/quality_scaling.py", *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -148,6 +148,10 @@ def test_report_measures_and_writes(built):
     assert fidelity["ceiling"] > fidelity["floor"] + 0.3  # real images of an identity agree; base renders do not
     assert 0.0 <= fidelity["attribute_agreement"] <= 1.0 and fidelity["render_change"] > 0
     assert set(numbers["editing"]) == {"male", "beard"}
+    for attr in ("male", "beard"):  # the strength sweep (4, 6 sd by default) and the perfect-edit reference
+        edit = numbers["editing"][attr]
+        assert set(edit["sweep"]) == {"4", "6"} and all(0 <= v["success"] <= 1 for v in edit["sweep"].values())
+        assert edit["perfect_cases"] == 2 and 0 <= edit["perfect_success"] <= 1 and edit["perfect_id_similarity"] < 0.99
     for key in ("w2w", "lora", "same_identity_real", "other_identity_real"):
         assert -1.0 <= numbers["inversion"][key] <= 1.0
     # The ceiling (a real image of the same identity) is above the floor (another identity).

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.source import IdentityDataError, IdentitySource
-from pipeline.data.synthfaces import ATTRIBUTE_NAMES, render, sample_identity, write_identity_source
+from pipeline.data.synthfaces import ATTRIBUTE_NAMES, render, sample_identity, with_attribute, write_identity_source
 
 
 def test_deterministic_and_distinct():
@@ -30,6 +30,31 @@ def test_attribute_correlations():
     assert 0.01 < col["pale_skin"].mean() < 0.10
     assert 0.3 < col["male"].mean() < 0.6
     assert col["bangs"][col["male"] == 1].mean() < col["bangs"][col["male"] == 0].mean()
+
+
+def test_with_attribute_is_the_same_person_with_one_attribute_flipped():
+    """The report's perfect edit: only the flipped attribute and the traits tied to it change, and
+    flipping back gives the identity (and its images) again."""
+    people = [sample_identity(5, i) for i in range(60)]
+    young = next(p for p in people if p.attributes["young"] and not p.attributes["eyeglasses"])
+    glasses = with_attribute(young, "eyeglasses", 1)
+    assert glasses.attributes == {**young.attributes, "eyeglasses": 1}
+    assert all(np.array_equal(np.asarray(glasses.traits[k]), np.asarray(v)) for k, v in young.traits.items())
+    changed = (render(glasses, 0) != render(young, 0)).any(-1)
+    assert 0 < changed.mean() < 0.3  # the glasses, not the whole face
+    old = with_attribute(young, "young", 0)
+    assert np.abs(old.traits["hair"] - young.traits["hair"]).max() > 0.05  # hair greys with age
+    assert np.array_equal(render(with_attribute(old, "young", 1), 1), render(young, 1))
+    man = next(p for p in people if p.attributes["male"] and p.attributes["beard"])
+    woman = with_attribute(man, "male", 0)
+    assert woman.attributes["beard"] == 0 and woman.traits["hair_long"] > 0.3 and woman.traits["jaw"] < man.traits["jaw"]
+    again = with_attribute(with_attribute(woman, "male", 1), "beard", 1)
+    for key in ("face_w", "jaw", "brow_thick", "hair_long", "lip"):
+        np.testing.assert_allclose(again.traits[key], man.traits[key], atol=1e-12)
+    with pytest.raises(ValueError, match="male identities only"):
+        with_attribute(woman, "beard", 1)
+    with pytest.raises(ValueError, match="unknown SynthFaces attribute 'hat'"):
+        with_attribute(man, "hat", 1)
 
 
 def test_write_and_load_synth(tmp_path):

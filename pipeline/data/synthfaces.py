@@ -41,6 +41,12 @@ _HAIR = np.array(
 _GREY = np.array([0.78, 0.78, 0.80])
 _IRIS = np.array([[0.30, 0.17, 0.07], [0.15, 0.35, 0.70], [0.20, 0.50, 0.25], [0.40, 0.42, 0.45]])
 _GLASSES = np.array([[0.05, 0.05, 0.05], [0.55, 0.10, 0.10], [0.10, 0.15, 0.50]])
+# How traits follow attributes. `sample_identity` draws with these and `with_attribute` re-applies them,
+# so a flipped attribute changes exactly what the generator ties to it.
+_MALE_SHIFT = {"face_w": 0.03, "jaw": 0.3, "brow_thick": 0.010}  # added when male
+_HAIR_LONG = {0: (0.45, 0.75), 1: (-0.05, 0.15)}  # hair length range, by male
+_LIP = {0: np.array([0.75, 0.25, 0.30]), 1: np.array([0.62, 0.36, 0.34])}  # lip colour, by male
+_GREYING = 0.75  # old: hair = (1 - g) * own colour + g * grey
 
 
 def identity_id(seed: int, index: int) -> str:
@@ -76,38 +82,69 @@ def sample_identity(seed: int, index: int) -> Identity:
     t = rng.uniform(0, len(_SKIN) - 1)
     lo = int(np.floor(t))
     hi = min(lo + 1, len(_SKIN) - 1)
-    skin = _SKIN[lo] * (1 - (t - lo)) + _SKIN[hi] * (t - lo)
+    skin = skin_own = _SKIN[lo] * (1 - (t - lo)) + _SKIN[hi] * (t - lo)
     if pale_skin:
         skin = _PALE + rng.normal(0, 0.01, 3)
-    hair = _HAIR[rng.integers(len(_HAIR))] + rng.normal(0, 0.03, 3)
+    hair = hair_own = _HAIR[rng.integers(len(_HAIR))] + rng.normal(0, 0.03, 3)
     if not young:
-        hair = 0.25 * hair + 0.75 * _GREY
+        hair = (1 - _GREYING) * hair + _GREYING * _GREY
     traits = dict(
-        face_w=rng.uniform(0.36, 0.46) + 0.03 * male,
+        face_w=rng.uniform(0.36, 0.46) + _MALE_SHIFT["face_w"] * male,
         face_h=rng.uniform(0.46, 0.56),
-        jaw=rng.uniform(0.0, 0.2) + 0.3 * male,  # squareness of the lower face
+        jaw=rng.uniform(0.0, 0.2) + _MALE_SHIFT["jaw"] * male,  # squareness of the lower face
         skin=np.clip(skin, 0, 1),
         hair=np.clip(hair, 0, 1),
         hair_top=rng.uniform(0.06, 0.16),
-        hair_long=(rng.uniform(0.45, 0.75) if not male else rng.uniform(-0.05, 0.15)),
+        hair_long=rng.uniform(*_HAIR_LONG[male]),
         hair_part=rng.uniform(-0.15, 0.15),
         eye_dx=rng.uniform(0.13, 0.21),
         eye_y=rng.uniform(-0.10, 0.00),
         eye_r=rng.uniform(0.045, 0.065),
         iris=_IRIS[rng.integers(len(_IRIS))],
-        brow_thick=rng.uniform(0.014, 0.022) + 0.010 * male,
+        brow_thick=rng.uniform(0.014, 0.022) + _MALE_SHIFT["brow_thick"] * male,
         brow_tilt=rng.uniform(-0.05, 0.05),
         nose_len=rng.uniform(0.08, 0.16),
         nose_w=rng.uniform(0.035, 0.06),
         mouth_y=rng.uniform(0.22, 0.30),
         mouth_w=rng.uniform(0.10, 0.16),
-        lip=(np.array([0.75, 0.25, 0.30]) if not male else np.array([0.62, 0.36, 0.34])) + rng.normal(0, 0.04, 3),
+        lip=_LIP[male] + rng.normal(0, 0.04, 3),
         glasses=_GLASSES[rng.integers(len(_GLASSES))],
         glasses_round=int(rng.integers(2)),
         shirt=rng.uniform(0.1, 0.9, 3),
         cheek=rng.uniform(0.0, 1.0),
+        hair_own=hair_own,  # before greying: what `with_attribute(..., "young", 1)` restores
+        skin_own=np.clip(skin_own, 0, 1),  # the palette tone under pale skin
     )
     return Identity(seed=int(seed), index=int(index), attributes=attributes, traits=traits)
+
+
+def with_attribute(identity: Identity, name: str, value: int) -> Identity:
+    """The same person with one attribute set: what a perfect edit gives (the report's reference for edits).
+
+    Traits the generator ties to the attribute follow it: hair greys with age, pale skin replaces
+    the palette tone, and face width, jaw, brows, lip colour and hair length follow `male` (a
+    beardless face when male is unset). Every other trait stays, so the identity stays itself."""
+    if name not in ATTRIBUTE_NAMES:
+        raise ValueError(f"unknown SynthFaces attribute {name!r}; valid: {', '.join(ATTRIBUTE_NAMES)}")
+    attributes, traits = dict(identity.attributes), dict(identity.traits)
+    old, new = attributes[name], int(bool(value))
+    attributes[name] = new
+    if name == "beard" and new and not attributes["male"]:
+        raise ValueError("SynthFaces draws beards on male identities only: set male first")
+    if name == "young":
+        own = traits["hair_own"]
+        traits["hair"] = np.clip(own if new else (1 - _GREYING) * own + _GREYING * _GREY, 0, 1)
+    if name == "pale_skin":
+        traits["skin"] = _PALE if new else traits["skin_own"]
+    if name == "male" and new != old:
+        for key, shift in _MALE_SHIFT.items():
+            traits[key] = traits[key] + shift * (new - old)
+        (lo0, hi0), (lo1, hi1) = _HAIR_LONG[old], _HAIR_LONG[new]
+        traits["hair_long"] = lo1 + (traits["hair_long"] - lo0) * (hi1 - lo1) / (hi0 - lo0)
+        traits["lip"] = traits["lip"] + _LIP[new] - _LIP[old]
+        if not new:
+            attributes["beard"] = 0
+    return Identity(seed=identity.seed, index=identity.index, attributes=attributes, traits=traits)
 
 
 # Caption phrases for the traits identities differ in (the base model's pretraining captions name

