@@ -148,6 +148,9 @@ def test_report_measures_and_writes(built):
     assert fidelity["ceiling"] > fidelity["floor"] + 0.3  # real images of an identity agree; base renders do not
     assert 0.0 <= fidelity["attribute_agreement"] <= 1.0 and fidelity["render_change"] > 0
     assert set(numbers["editing"]) == {"male", "beard"}
+    sampling = numbers["sampling"]
+    assert 0.0 <= sampling["attribute_confidence_training_renders"] <= 1.0
+    assert sampling["attribute_confidence_real_images"] > sampling["attribute_confidence_noise_images"]
     for attr in ("male", "beard"):  # the strength sweep (4, 6 sd by default) and the perfect-edit reference
         edit = numbers["editing"][attr]
         assert set(edit["sweep"]) == {"4", "6"} and all(0 <= v["success"] <= 1 for v in edit["sweep"].values())
@@ -161,3 +164,24 @@ def test_report_measures_and_writes(built):
         assert (report / name).stat().st_size > 0
     assert "| male |" in (report / "report.md").read_text()
     assert "## Against the targets" in (report / "report.md").read_text()
+
+
+def test_heldout_attribute_accuracy_separates_encoded_from_random_labels():
+    """The report's direction accuracy: near 1 for an attribute the coefficients encode, near chance for
+    labels they do not; averaged over random fold assignments, with their spread."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from pipeline.eval.report import heldout_attribute_accuracy
+
+    rng = np.random.default_rng(0)
+    coeffs = rng.normal(size=(128, 16))
+    encoded = (coeffs[:, 3] + 0.3 * rng.normal(size=128) > 0.8).astype(np.int64)  # ~25 positives, like beard
+    random = rng.integers(0, 2, 128)
+    space = SimpleNamespace(coefficients=torch.tensor(coeffs), labels={"encoded": torch.tensor(encoded), "random": torch.tensor(random)})
+    acc = heldout_attribute_accuracy(space, ["encoded", "random"], repeats=5)
+    assert acc["encoded"]["balanced_accuracy"] > 0.85 and acc["encoded"]["positives"] == int(encoded.sum())
+    assert abs(acc["random"]["balanced_accuracy"] - 0.5) < 0.15
+    assert acc["random"]["repeats"] == 5 and acc["random"]["sd"] > 0  # fold assignments differ, so do the estimates
