@@ -98,7 +98,12 @@ class BuildConfig:
 
 @dataclass
 class SubspaceConfig:
+    # PCs kept (capped at models - 1); inversion fits in all of them.
     components: int = 1000
+    # Leading PCs that attribute directions and sampling use; 0 = all `components`. The published recipe
+    # inverts in 10,000 PCs and samples / edits in 1,000: inversion needs many PCs, while least-squares
+    # directions overfit in them (docs/QUALITY_SCALING.md, "Past the demo").
+    edit_components: int = 0
     method: str = "gram"  # gram | randomized
     # Rows per Dask block when streaming the store.
     block_rows: int = 256
@@ -140,6 +145,7 @@ POSITIVE: tuple[str, ...] = (
 NON_NEGATIVE: tuple[str, ...] = (
     "train.lr",
     "train.weight_decay",
+    "subspace.edit_components",
     "train.max_grad_norm",
     "train.prior_loss_weight",
     "train.num_class_images",

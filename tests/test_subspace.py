@@ -145,6 +145,34 @@ def test_cli_pca_and_directions(tmp_path, data, capsys):
     assert rc == 2 and "hat" in err and "male" in err
 
 
+def test_directions_and_sampling_in_the_leading_pcs_inversion_in_all(tmp_path, data, capsys):
+    """subspace.edit_components / `w2w directions --components`: directions are fitted on the leading PCs
+    only (zero beyond, so an edit never moves the PCs only inversion uses), sampling draws in the same PCs,
+    and a space of more PCs gives the same directions as a space of just those."""
+    from jobs.cli import main
+    from w2w_core.space import WeightSpace
+
+    x, labels, _ = data
+    small, large = tmp_path / "small", tmp_path / "large"
+    for out, k in ((small, 4), (large, 12)):
+        write_store(out, x, labels)
+        assert main(["pca", str(out), "-k", str(k)]) == 0
+    assert main(["directions", str(small)]) == 0 and main(["directions", str(large), "--components", "4"]) == 0
+    a, b = WeightSpace.load(small), WeightSpace.load(large)
+    assert (a.k, a.edit_k, b.k, b.edit_k) == (4, 4, 12, 4)
+    assert json.loads((large / "subspace" / "directions.json").read_text())["edit_components"] == 4
+    for name in a.directions:
+        assert (b.directions[name][4:] == 0).all()
+        np.testing.assert_allclose(b.directions[name][:4], a.directions[name], atol=1e-5)
+        assert b.strengths[name] == pytest.approx(a.strengths[name], rel=1e-4)
+    sample = b.project(b.sample(3, seed=1))
+    np.testing.assert_allclose(sample[:, 4:], b.coef_mean[4:].expand(3, -1), atol=1e-3)  # only the leading PCs drawn
+    assert (sample[:, :4] - b.coef_mean[:4]).abs().min() > 0
+    capsys.readouterr()
+    assert main(["directions", str(large), "--components", "13", "--force"]) == 2
+    assert "--components 13 is out of range" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- directions math
 def test_direction_recovers_planted_direction():
     rng = np.random.default_rng(0)

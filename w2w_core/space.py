@@ -47,6 +47,7 @@ class WeightSpace:
         config: dict | None = None,
         meta: dict | None = None,
         rows=None,
+        edit_components: int | None = None,
     ):
         f = lambda a: torch.as_tensor(a).to(torch.float32)  # noqa: E731
         self.layout = layout
@@ -73,6 +74,8 @@ class WeightSpace:
         self.labels = dict(labels or {})
         self.config = config or {}
         self.meta = meta or {}
+        # Leading PCs that directions and sampling use (`w2w directions --components`); inversion uses all K.
+        self.edit_k = min(int(edit_components), k) if edit_components else k
         self.coef_mean = self.coefficients.mean(dim=0)
         self.coef_std = self.coefficients.std(dim=0) if n > 1 else torch.ones(k)
 
@@ -108,7 +111,9 @@ class WeightSpace:
                 if name in table.column_names:
                     col = table.column(name).to_pylist()
                     labels[name] = torch.tensor([col[i] for i in idx], dtype=torch.float32)
-        directions, strengths = {}, {}
+        directions, strengths, edit_components = {}, {}, None
+        if fs.isfile(f"{sub}/{DIRECTIONS_META}"):
+            edit_components = json.loads(fs.cat_file(f"{sub}/{DIRECTIONS_META}")).get("edit_components")
         if fs.isfile(f"{sub}/{DIRECTIONS_FILE}"):
             d = load_safetensors(fs.cat_file(f"{sub}/{DIRECTIONS_FILE}"))
             for key, value in d.items():
@@ -132,6 +137,7 @@ class WeightSpace:
             config=meta.get("config") or {},
             meta=meta,
             rows=rows,
+            edit_components=edit_components,
         )
 
     @classmethod
@@ -173,8 +179,9 @@ class WeightSpace:
         return self.mean + self.std * (c @ self.components[:k])
 
     def sample(self, n: int, seed: int | None = 0, k: int | None = None) -> torch.Tensor:
-        """(n, D) new models: each PC coefficient ~ Normal(mean, std of the training coefficients)."""
-        k = self.k if k is None else int(k)
+        """(n, D) new models: each of the first k PC coefficients ~ Normal(mean, std of the training
+        coefficients), the rest at their mean; k defaults to the PCs the directions use (`edit_k`)."""
+        k = self.edit_k if k is None else int(k)
         g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         z = torch.randn(int(n), k, generator=g)
         return self.reconstruct(self.coef_mean[:k] + self.coef_std[:k] * z)

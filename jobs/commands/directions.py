@@ -13,6 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="project OTHER directions out of TARGET, e.g. beard:male")
     parser.add_argument("--debias-against", nargs="*", default=[], metavar="ATTR",
                         help="make every other direction orthogonal to these (default: none)")
+    parser.add_argument("--components", "-k", type=int, default=None,
+                        help="fit on the first K PCs only (default: the build config's subspace.edit_components, "
+                             "else all); sampling uses the same K, inversion every PC")
     parser.add_argument("--force", action="store_true",
                         help="replace existing OUT/subspace/directions.* (default: refuse)")
 
@@ -28,7 +31,8 @@ def run(args) -> int:
 
     try:
         dirs, strengths, meta = compute_directions(
-            args.out, args.method, parse_disentangle(args.disentangle), list(args.debias_against)
+            args.out, args.method, parse_disentangle(args.disentangle), list(args.debias_against),
+            components=args.components,
         )
     except ValueError as err:
         raise UserError(str(err)) from None

@@ -103,7 +103,8 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
 
     true_vector = model_vectors(store, space)
 
-    md: list[str] = ["# w2w quality report", "", f"Space: `{out}` — {len(space.identities)} models, {space.k} PCs, "
+    md: list[str] = ["# w2w quality report", "", f"Space: `{out}` — {len(space.identities)} models, {space.k} PCs "
+                     f"(directions and sampling in the first {space.edit_k}, inversion in all), "
                      f"D = {space.layout.numel}. Evaluators: tiny-world identity embedder and attribute classifier.", ""]
 
     # ------------------------------------------------------------------ fidelity (first: everything rests on it)
@@ -393,7 +394,7 @@ def heldout_attribute_accuracy(space, attributes: list[str], folds: int = 4, rep
     assignment moves the balanced accuracy by about ±0.03-0.04 (docs/TINY_WORLD.md); `sd` is that spread."""
     from w2w_core.directions import fit_lstsq
 
-    coeffs = space.coefficients.numpy().astype(np.float64)
+    coeffs = space.coefficients.numpy().astype(np.float64)[:, :space.edit_k]  # the PCs the directions use
     out = {}
     for attr in attributes:
         labels = space.labels[attr].numpy()

@@ -64,7 +64,11 @@ def compute_directions(
     disentangle: Mapping[str, Sequence[str]] | None = None,
     debias_against: Sequence[str] = (),
     progress=lambda m: print(f"directions: {m}", file=sys.stderr, flush=True),
+    components: int | None = None,
 ):
+    """Fit every attribute's direction on the first `components` PC coefficients (default: the build
+    config's `subspace.edit_components`, else all K) and write subspace/directions.*; the direction is
+    zero on the PCs beyond, which only inversion uses."""
     import torch
 
     from pipeline.subspace.io import subspace_url, write_json_atomic, write_safetensors_atomic
@@ -74,7 +78,12 @@ def compute_directions(
     space = WeightSpace.load(out)
     if not space.labels:
         raise ValueError(f"{out}/manifest.parquet has no attribute columns for the subspace's models")
-    coeffs = space.coefficients.double().numpy()
+    k_all = space.k
+    if components is None:
+        components = int(((space.config or {}).get("subspace") or {}).get("edit_components") or 0) or k_all
+    if not 1 <= components <= k_all:
+        raise ValueError(f"--components {components} is out of range: this space has K={k_all} components (use 1..{k_all})")
+    coeffs = space.coefficients.double().numpy()[:, :components]
     labels = {k: v.numpy() for k, v in space.labels.items()}
     for name in list(disentangle or {}) + [o for v in (disentangle or {}).values() for o in v] + list(debias_against):
         if name not in labels:
@@ -83,6 +92,8 @@ def compute_directions(
     dirs, raw, strengths, info = fit_all(coeffs, labels, method, disentangle, debias_against)
     tensors = {}
     for name, d in dirs.items():
+        d = np.concatenate([d, np.zeros(k_all - components)])  # in the space's K coordinates
+        dirs[name] = d
         tensors[f"direction.{name}"] = torch.from_numpy(d.astype(np.float32))
         tensors[f"strength.{name}"] = torch.tensor(strengths[name], dtype=torch.float32)
     base = subspace_url(out)
@@ -93,7 +104,8 @@ def compute_directions(
         "disentangle": {k: list(v) for k, v in (disentangle or {}).items()},
         "debias_against": list(debias_against),
         "attributes": info,
-        "k": int(coeffs.shape[1]),
+        "k": int(k_all),
+        "edit_components": int(components),
         "pca_checksum": space.meta.get("source_checksum"),
         "seconds": time.time() - t0,
     }
