@@ -168,6 +168,8 @@ def test_directions_and_sampling_in_the_leading_pcs_inversion_in_all(tmp_path, d
     sample = b.project(b.sample(3, seed=1))
     np.testing.assert_allclose(sample[:, 4:], b.coef_mean[4:].expand(3, -1), atol=1e-3)  # only the leading PCs drawn
     assert (sample[:, :4] - b.coef_mean[:4]).abs().min() > 0
+    probe = b.sample(1, seed=2)[0]  # neighbours are found in the same leading PCs
+    assert [n for n, _ in b.nearest(probe, 3)] == [n for n, _ in a.nearest(probe, 3)]
     capsys.readouterr()
     assert main(["directions", str(large), "--components", "13", "--force"]) == 2
     assert "--components 13 is out of range" in capsys.readouterr().err

@@ -210,9 +210,12 @@ class WeightSpace:
         return self.project(vec) @ self.directions[name]
 
     def nearest(self, vec, k: int = 5) -> list[tuple[str, float]]:
-        """The k training identities closest to `vec` in PC space (Euclidean), with distances."""
-        c = self.project(vec).reshape(-1)
-        d = torch.linalg.vector_norm(self.coefficients - c, dim=1)
+        """The k training identities closest to `vec` in the leading PCs identities are sampled and edited
+        in (`edit_k`; Euclidean), with distances. A sample has no say beyond them, where the training
+        models' own remainders would otherwise pick its neighbour."""
+        e = self.edit_k
+        c = self.project(vec).reshape(-1)[:e]
+        d = torch.linalg.vector_norm(self.coefficients[:, :e] - c, dim=1)
         k = min(int(k), d.numel())
         vals, idx = torch.topk(d, k, largest=False)
         return [(self.identities[int(i)], float(v)) for v, i in zip(vals, idx)]
