@@ -180,7 +180,8 @@ def test_heldout_attribute_accuracy_separates_encoded_from_random_labels():
     coeffs = rng.normal(size=(128, 16))
     encoded = (coeffs[:, 3] + 0.3 * rng.normal(size=128) > 0.8).astype(np.int64)  # ~25 positives, like beard
     random = rng.integers(0, 2, 128)
-    space = SimpleNamespace(coefficients=torch.tensor(coeffs), labels={"encoded": torch.tensor(encoded), "random": torch.tensor(random)})
+    space = SimpleNamespace(coefficients=torch.tensor(coeffs), edit_k=16,
+                            labels={"encoded": torch.tensor(encoded), "random": torch.tensor(random)})
     acc = heldout_attribute_accuracy(space, ["encoded", "random"], repeats=5)
     assert acc["encoded"]["balanced_accuracy"] > 0.85 and acc["encoded"]["positives"] == int(encoded.sum())
     assert abs(acc["random"]["balanced_accuracy"] - 0.5) < 0.15
