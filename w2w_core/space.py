@@ -180,7 +180,7 @@ class WeightSpace:
 
     def sample(self, n: int, seed: int | None = 0, k: int | None = None) -> torch.Tensor:
         """(n, D) new models: each of the first k PC coefficients ~ Normal(mean, std of the training
-        coefficients), the rest at their mean; k defaults to the PCs the directions use (`edit_k`)."""
+        coefficients), the rest 0 (the training models' mean); k defaults to the PCs the directions use (`edit_k`)."""
         k = self.edit_k if k is None else int(k)
         g = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         z = torch.randn(int(n), k, generator=g)

@@ -166,17 +166,20 @@ def measure_sampling(space, evaluators, render, true_vector, settings: ReportSet
     to_nearest = (_cos(s_emb[:, 0], t_emb[:, 1]) + _cos(s_emb[:, 1], t_emb[:, 0])) / 2
     nearest_self = _cos(t_emb[:, 0], t_emb[:, 1])
     sample_self = _cos(s_emb[:, 0], s_emb[:, 1])
-    probs = torch.cat([evaluators.attributes(x) for x in sample_imgs])
-    confidence = (probs - 0.5).abs().mul(2).mean().item()
+
+    def confidence(batches: list[torch.Tensor]) -> float:  # 0 = chance, 1 = certain, mean over attributes
+        return (torch.cat([evaluators.attributes(x) for x in batches]) - 0.5).abs().mul(2).mean().item()
+
+    sample_conf = confidence(sample_imgs)
     # The same on renders of trained models (each sample's nearest): how classifiable this base model's
     # renders are at all, so a gap to real images can be split between sampling and rendering.
-    trained_conf = (torch.cat([evaluators.attributes(x) for x in nearest_imgs]) - 0.5).abs().mul(2).mean().item()
+    trained_conf = confidence(nearest_imgs)
     resolution = render.base.resolution
     noise_imgs = torch.rand(2 * n, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    noise_conf = (evaluators.attributes(noise_imgs) - 0.5).abs().mul(2).mean().item()
+    noise_conf = confidence([noise_imgs])
     # Real images of the data distribution (held-out SynthFaces identities): what "valid" looks like.
     real_imgs = torch.cat([to_tensor(render_identity(settings.heldout_seed, h, 2)) for h in range(n)])
-    real_conf = (evaluators.attributes(real_imgs) - 0.5).abs().mul(2).mean().item()
+    real_conf = confidence([real_imgs])
     grid([[tensor_to_pil(x) for x in imgs] + [tensor_to_pil(y) for y in near] for imgs, near in zip(sample_imgs, nearest_imgs)],
          row_labels=[f"sample {i}" for i in range(n)],
          col_labels=["seed 0", "seed 1", "nearest train s0", "nearest s1"]).save(report_dir / "sampling.png")
@@ -185,7 +188,7 @@ def measure_sampling(space, evaluators, render, true_vector, settings: ReportSet
         "id_sim_nearest_training_to_itself": nearest_self.mean().item(),
         "id_sim_sample_to_itself": sample_self.mean().item(),
         "novel_fraction": (to_nearest < nearest_self).float().mean().item(),
-        "attribute_confidence_samples": confidence,
+        "attribute_confidence_samples": sample_conf,
         "attribute_confidence_noise_images": noise_conf,
         "attribute_confidence_training_renders": trained_conf,
         "attribute_confidence_real_images": real_conf,
@@ -458,6 +461,13 @@ def _scatter(space, attribute: str | None, path: Path) -> None:
     plt.close(fig)
 
 
+def _edit_tries(numbers: dict, attr: str) -> list[tuple[float, float, float]]:
+    """(strength, success, ID similarity) of every strength an attribute was edited at: the report's, then the sweep's."""
+    e = numbers["editing"][attr]
+    return [(numbers["settings"].get("edit_strength", 2.0), e["w2w_success"], e["w2w_id_similarity"])] + \
+        [(float(k), v["success"], v["id_similarity"]) for k, v in (e.get("sweep") or {}).items()]
+
+
 def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
     s, inv = numbers["sampling"], numbers["inversion"]
     lines = _fidelity_markdown(numbers.get("fidelity") or {}) + [
@@ -488,17 +498,16 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
                      f"{fmt(e.get('gated_success'))} | {fmt(e.get('gated_id_similarity'))} |")
     sweep_attrs = [a for a in attributes if numbers["editing"][a].get("sweep")]
     if sweep_attrs:
-        strengths = [f"{numbers['settings'].get('edit_strength', 2.0):g}", *numbers["editing"][sweep_attrs[0]]["sweep"]]
+        strengths = [s for s, _, _ in _edit_tries(numbers, sweep_attrs[0])]
         lines += ["", "Success / ID similarity against edit strength (calibrated sd), next to a **perfect edit**: held-out "
                   "SynthFaces identities re-drawn with the attribute flipped and every other trait kept "
                   "(`synthfaces.with_attribute`). The identity embedder reads these attributes as part of who someone is, "
                   "so even a perfect edit stays well below ID similarity 1.", "",
-                  "| attribute | " + " | ".join(f"{s} sd" for s in strengths) + " | perfect edit |",
+                  "| attribute | " + " | ".join(f"{s:g} sd" for s in strengths) + " | perfect edit |",
                   "|---|" + "---|" * (len(strengths) + 1)]
         for a in sweep_attrs:
             e = numbers["editing"][a]
-            cells = [(e["w2w_success"], e["w2w_id_similarity"])] + [(v["success"], v["id_similarity"]) for v in e["sweep"].values()]
-            lines.append(f"| {a} | " + " | ".join(f"{x:.2f} / {y:.2f}" for x, y in cells)
+            lines.append(f"| {a} | " + " | ".join(f"{x:.2f} / {y:.2f}" for _, x, y in _edit_tries(numbers, a))
                          + f" | {e['perfect_success']:.2f} / {e['perfect_id_similarity']:.2f} |")
     lines += [
         "", "![editing](editing.png)", "",
@@ -582,9 +591,7 @@ def targets_markdown(numbers: dict) -> list[str]:
     for a in EDIT_TARGET_ATTRIBUTES:
         e = (numbers.get("editing") or {}).get(a)
         if e:
-            # every measured strength; met if one of them meets both
-            tried = [(numbers["settings"].get("edit_strength", 2.0), e["w2w_success"], e["w2w_id_similarity"])]
-            tried += [(float(k), v["success"], v["id_similarity"]) for k, v in (e.get("sweep") or {}).items()]
+            tried = _edit_tries(numbers, a)  # met if one measured strength meets both
             ok = any(su >= t["edit_success"] and ids >= t["edit_id"] for _, su, ids in tried)
             _, su, ids = min(tried, key=lambda x: max(0.0, t["edit_success"] - x[1]) + max(0.0, t["edit_id"] - x[2]))
             short = f"{max(0.0, t['edit_success'] - su):.2f} success, {max(0.0, t['edit_id'] - ids):.2f} ID"

@@ -79,8 +79,9 @@ def compute_directions(
     if not space.labels:
         raise ValueError(f"{out}/manifest.parquet has no attribute columns for the subspace's models")
     k_all = space.k
-    if components is None:  # the config's value is capped at what this space has; an explicit one is checked
-        components = min(int(((space.config or {}).get("subspace") or {}).get("edit_components") or 0) or k_all, k_all)
+    if components is None:  # the config's value (0 = all) is capped at what this space has; an explicit one is checked
+        configured = int((space.config.get("subspace") or {}).get("edit_components") or 0)
+        components = min(configured or k_all, k_all)
     if not 1 <= components <= k_all:
         raise ValueError(f"--components {components} is out of range: this space has K={k_all} components (use 1..{k_all})")
     coeffs = space.coefficients.double().numpy()[:, :components]
