@@ -41,9 +41,17 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--invariant-to", default="",
+                   help="comma-separated attributes the identity embedding should ignore, e.g. eyeglasses,beard: "
+                        "each training identity is also rendered with each one flipped "
+                        "(synthfaces.with_attribute) under the same identity label, as a person is photographed "
+                        "with and without glasses (default: none)")
+    p.add_argument("--variant-images", type=int, default=4,
+                   help="images per flipped-attribute variant of an identity (default 4)")
     args = p.parse_args(argv)
 
-    from pipeline.data.synthfaces import ATTRIBUTE_NAMES, SEED_EVAL_HELDOUT, SEED_EVAL_TRAIN, render_identity, sample_identity, to_tensor
+    from pipeline.data.synthfaces import (ATTRIBUTE_NAMES, SEED_EVAL_HELDOUT, SEED_EVAL_TRAIN, render, render_identity,
+                                          sample_identity, to_tensor, with_attribute)
     from pipeline.eval.evaluators import EVALUATOR_DIR, EvaluatorNet, Evaluators, save_evaluators, verification_accuracy
 
     torch.set_num_threads(args.threads)
@@ -60,7 +68,32 @@ def main(argv=None) -> int:
                              dtype=torch.float32).repeat_interleave(n_img, 0)
         return to_tensor(imgs), labels, attrs
 
+    invariant = [name for name in args.invariant_to.split(",") if name]
+    unknown = sorted(set(invariant) - set(ATTRIBUTE_NAMES))
+    if unknown:
+        p.error(f"--invariant-to: unknown attribute(s) {unknown}; valid: {', '.join(ATTRIBUTE_NAMES)}")
+
+    def variants(seed, n_ids, n_img):
+        """Each identity with each `invariant` attribute flipped (where SynthFaces allows it), same label."""
+        import numpy as np
+
+        imgs, labels, attrs = [], [], []
+        for i in range(n_ids):
+            ident = sample_identity(seed, i)
+            for name in invariant:
+                try:
+                    other = with_attribute(ident, name, 1 - ident.attributes[name])
+                except ValueError:  # a beard on a female identity: not drawn
+                    continue
+                imgs += [render(other, 1000 + k) for k in range(n_img)]  # other poses than the originals'
+                labels += [i] * n_img
+                attrs += [[other.attributes[a] for a in ATTRIBUTE_NAMES]] * n_img
+        return to_tensor(np.stack(imgs)), torch.tensor(labels), torch.tensor(attrs, dtype=torch.float32)
+
     x, y, a = dataset(SEED_EVAL_TRAIN, args.identities, args.images)
+    if invariant:
+        xv, yv, av = variants(SEED_EVAL_TRAIN, args.identities, args.variant_images)
+        x, y, a = torch.cat([x, xv]), torch.cat([y, yv]), torch.cat([a, av])
     xh, yh, ah = dataset(SEED_EVAL_HELDOUT, args.heldout_identities, args.heldout_images)
     print(f"data: train {tuple(x.shape)} ({args.identities} ids, seed {SEED_EVAL_TRAIN}); "
           f"held-out {tuple(xh.shape)} (seed {SEED_EVAL_HELDOUT}) in {time.time() - t_start:.0f}s", flush=True)
@@ -108,6 +141,7 @@ def main(argv=None) -> int:
         heldout_mean_cos_same=round(sim[same & off].mean().item(), 4),
         heldout_mean_cos_different=round(sim[~same].mean().item(), 4),
         heldout_attribute_accuracy=attr_acc,
+        invariant_to=invariant, variant_images=args.variant_images if invariant else 0,
         heldout_attribute_base_rate={n: round(max(ah[:, i].mean().item(), 1 - ah[:, i].mean().item()), 4)
                                      for i, n in enumerate(ATTRIBUTE_NAMES)},
         command="python -m jobs.train_evaluators " + " ".join(sys.argv[1:]),

@@ -99,13 +99,16 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
     evaluators = load_evaluators()
     render = Renderer(base, space.layout, settings.render_steps)
     attributes = settings.attributes or [a for a in sorted(space.directions) if a in evaluators.attribute_names]
-    numbers: dict = {"settings": settings.__dict__.copy()}
+    numbers: dict = {"settings": settings.__dict__.copy(),
+                     "evaluators": {"invariant_to": list(evaluators.meta.get("invariant_to") or []),
+                                    "heldout_verification_accuracy": evaluators.meta.get("heldout_verification_accuracy")}}
 
     true_vector = model_vectors(store, space)
 
     md: list[str] = ["# w2w quality report", "", f"Space: `{out}` — {len(space.identities)} models, {space.k} PCs "
                      f"(directions and sampling in the first {space.edit_k}, inversion in all), "
-                     f"D = {space.layout.numel}. Evaluators: tiny-world identity embedder and attribute classifier.", ""]
+                     f"D = {space.layout.numel}. Evaluators: tiny-world identity embedder and attribute classifier "
+                     f"({_embedder_words(numbers)}).", ""]
 
     # ------------------------------------------------------------------ fidelity (first: everything rests on it)
     log("report: fidelity")
@@ -269,6 +272,14 @@ def measure_editing(space, evaluators, render, true_vector, attributes: list[str
         }
     grid(edit_grid_rows, row_labels=edit_grid_labels, col_labels=[f"{s:+g} sd" if s else "0" for s in GRID_STRENGTHS]).save(report_dir / "editing.png")
     return edit_stats
+
+
+def _embedder_words(numbers: dict) -> str:
+    invariant = (numbers.get("evaluators") or {}).get("invariant_to") or []
+    if not invariant:
+        return "trained on identities whose attributes never change, so it reads them as identity"
+    return ("trained to ignore what a person's photos vary in (" + ", ".join(invariant) + "), as face recognisers are, "
+            "and to read everything else as identity")
 
 
 def perfect_edit(evaluators, attr: str, settings: ReportSettings) -> dict:
@@ -501,8 +512,8 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         strengths = [s for s, _, _ in _edit_tries(numbers, sweep_attrs[0])]
         lines += ["", "Success / ID similarity against edit strength (calibrated sd), next to a **perfect edit**: held-out "
                   "SynthFaces identities re-drawn with the attribute flipped and every other trait kept "
-                  "(`synthfaces.with_attribute`). The identity embedder reads these attributes as part of who someone is, "
-                  "so even a perfect edit stays well below ID similarity 1.", "",
+                  f"(`synthfaces.with_attribute`). The identity embedder is {_embedder_words(numbers)}: what it does not "
+                  "ignore, a perfect edit changes too, so even a perfect edit stays below a second photo of the same person.", "",
                   "| attribute | " + " | ".join(f"{s:g} sd" for s in strengths) + " | perfect edit |",
                   "|---|" + "---|" * (len(strengths) + 1)]
         for a in sweep_attrs:
