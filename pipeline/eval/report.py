@@ -278,16 +278,17 @@ def _embedder_words(numbers: dict) -> str:
     invariant = (numbers.get("evaluators") or {}).get("invariant_to") or []
     if not invariant:
         return "trained on identities whose attributes never change, so it reads them as identity"
-    return ("trained to ignore what a person's photos vary in (" + ", ".join(invariant) + "), as face recognisers are, "
-            "and to read everything else as identity")
+    return ("trained to ignore " + ", ".join(invariant[:-1]) + (" and " if len(invariant) > 1 else "") + invariant[-1]
+            + ", which a person's photos vary in, as face recognisers are, and to read everything else as identity")
 
 
 def perfect_edit(evaluators, attr: str, settings: ReportSettings) -> dict:
     """What a perfect edit scores in this world, the reference for the edit targets: held-out SynthFaces
     identities re-drawn with the attribute flipped (`synthfaces.with_attribute`, towards the value they
     lack, like the w2w edits), the same two images; ID similarity to the unflipped images (same image
-    index, as the w2w edit compares the same seed) and the classifier's success. The identity embedder
-    reads attributes such as grey hair or glasses as part of who someone is, so this is below 1."""
+    index, as the w2w edit compares the same seed) and the classifier's success. Below 1 even with an
+    embedder trained to ignore the attribute (docs/TINY_WORLD.md, "Evaluators"), and far below for `male`,
+    which it reads as identity, as a face recogniser does."""
     from pipeline.data.synthfaces import render, sample_identity, to_tensor, with_attribute
 
     j = evaluators.attribute_names.index(attr)
