@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of the permutation that orders the nested subsets (default 0)")
     ap.add_argument("--components", type=int, default=None,
                     help="PCs per subset (default: the build config's subspace.components), capped at N-1")
+    ap.add_argument("--edit-components", type=int, default=None,
+                    help="leading PCs the directions and samples use (default: the build config's subspace.edit_components, "
+                         "else all K); capped at each N's K")
     ap.add_argument("--evr-k", type=int, default=10, help="report the explained variance of the first K PCs (default 10)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     # the report's settings (pipeline.eval.report.ReportSettings); defaults are the report's
@@ -123,6 +126,7 @@ def main(argv=None) -> int:
                          "shards_built": summary.done_now, "shards_before": summary.done_before}
     with tempfile.TemporaryDirectory(prefix="quality_scaling_") as tmp:
         doc = run_scaling(args.out, args.ns, args.work or tmp, settings, seed=args.seed, components=args.components,
+                          edit_components=args.edit_components,
                           evr_k=args.evr_k, log=log, on_update=save)
     save(doc)
     from pipeline.eval.scaling import table_markdown

@@ -29,7 +29,7 @@ def test_nested_subsets_measured_and_fitted_on_the_subset(tmp_path):
                               fidelity_models=3, gated_edit_start=0.0)
     updates = []
     doc = run_scaling(out, [12, 40], tmp_path / "work", settings, seed=1, evr_k=3, log=lambda m: None,
-                      on_update=lambda d: updates.append(len(d["summary"])))
+                      on_update=lambda d: updates.append(len(d["summary"])), edit_components=5)
     assert updates == [1, 2]
     assert [r["n"] for r in doc["summary"]] == [12, 40] and [r["k"] for r in doc["summary"]] == [8, 8]
     assert doc["direction_attributes"] == ["male", "young"]
@@ -53,6 +53,9 @@ def test_nested_subsets_measured_and_fitted_on_the_subset(tmp_path):
         evrs.append(row["evr_first_k"])
         pca = json.loads((tmp_path / "work" / f"n{row['n']}" / "subspace" / "pca.json").read_text())
         assert pca["n_models"] == row["n"]
+        # directions (and samples) in the leading 5 PCs, as asked: a store built before subspace.edit_components
+        directions = json.loads((tmp_path / "work" / f"n{row['n']}" / "subspace" / "directions.json").read_text())
+        assert directions["edit_components"] == 5
         assert set(record["weight_space"]["heldout_attribute_accuracy"]) == {"male", "young"}
     assert abs(evrs[0] - evrs[1]) > 1e-3
     assert sorted(p.name for p in out.iterdir()) == before  # nothing written into the build folder

@@ -102,6 +102,7 @@ def run_scaling(
     settings: ReportSettings | None = None,
     seed: int = 0,
     components: int | None = None,
+    edit_components: int | None = None,
     evr_k: int = 10,
     log: Callable[[str], None] = print,
     on_update: Callable[[dict], None] | None = None,
@@ -109,6 +110,8 @@ def run_scaling(
     """Measure quality for each N in `ns` (ascending) on nested subsets of the store at `out`.
 
     `components`: PCs per subset (default: the build config's subspace.components), capped at N - 1.
+    `edit_components`: leading PCs the directions and samples use (default: the build config's
+    subspace.edit_components, else all), capped at each subset's K; set it for a store built before it existed.
     `on_update(doc)` runs after every N with the results so far (write them: a long run keeps what finished).
     """
     from pipeline.builder.store import WeightStore
@@ -133,6 +136,7 @@ def run_scaling(
     evaluators = load_evaluators()
     dir_attrs = direction_attributes(store, order[: ns[-1]], [a for a in store.attribute_names if a in evaluators.attribute_names])
     doc = {"out": str(out), "ns": ns, "seed": seed, "models_valid": int(order.size), "components": k_max,
+           "edit_components": edit_components or sub.edit_components or None,
            "pca_method": sub.method, "evr_k": evr_k, "settings": settings.__dict__.copy(),
            "direction_attributes": dir_attrs, "order_first": order[: min(order.size, 32)].tolist(),
            "fidelity": None, "lora_baseline_seconds": None, "results": [], "summary": []}
@@ -146,7 +150,8 @@ def run_scaling(
         log(f"scaling: N={n}: PCA (K={k}, {sub.method}) and directions on the first {n} models of the permutation")
         compute_subspace(str(folder), k, method=sub.method, block_rows=sub.block_rows, power_iterations=sub.power_iterations,
                          seed=sub.seed, progress=None, rows=order[:n])
-        compute_directions(str(folder), progress=lambda m: None)
+        compute_directions(str(folder), progress=lambda m: None,
+                           components=min(edit_components, k) if edit_components else None)
         space = WeightSpace.load(folder)
         seconds = {"subspace": time.perf_counter() - t0}
         if base is None:
