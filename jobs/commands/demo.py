@@ -14,7 +14,9 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="conf/tiny.yaml", help="config file (default conf/tiny.yaml)")
-    parser.add_argument("--identities", type=int, default=128, help="identities in the demo dataset (default 128)")
+    parser.add_argument("--identities", type=int, default=192,
+                        help="identities in the demo dataset (default 192: where every attribute direction but smiling's "
+                             "generalises; docs/RESULTS.md, \"How quality grows with the number of models\")")
     parser.add_argument("--images", type=int, default=10, help="images per identity (default 10)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=40")
 
