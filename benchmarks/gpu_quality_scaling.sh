@@ -46,7 +46,7 @@ for j in $(seq 0 $((SYNTH_PROCS - 1))); do
 done
 wait
 $PY - "$WORK" <<'EOF'
-import shutil, sys
+import sys
 from pathlib import Path
 import pyarrow as pa, pyarrow.parquet as pq
 work = Path(sys.argv[1]); ids = work / "ids"; ids.mkdir()
@@ -61,16 +61,16 @@ pq.write_table(pa.concat_tables(tables), ids / "attributes.parquet")
 print("merged", sum(t.num_rows for t in tables), "identities")
 EOF
 
-# 2. the build, time-capped (a stopped build keeps its finished shards)
+# 2. the build, time-capped (a stopped build keeps its finished shards); not quality_scaling.py --build,
+#    whose cap would also end the curve
 log "build (cap ${BUILD_S}s)"
-sets=(--set "data.source=$WORK/ids" --set "model.device=$DEVICE" --set "train.identities_per_batch=$BATCH"
-      --set "build.rows_per_shard=$BATCH")
-[ -n "${STEPS:-}" ] && sets+=(--set "train.steps=$STEPS")
+sets=("data.source=$WORK/ids" "model.device=$DEVICE" "train.identities_per_batch=$BATCH" "build.rows_per_shard=$BATCH")
+[ -n "${STEPS:-}" ] && sets+=("train.steps=$STEPS")
 timeout "$BUILD_S" $PY - "$WORK/space" "${sets[@]}" <<'EOF' 2>&1 | tail -n 30 > "$OUT/build.log" || true
 import sys, time
 from pipeline.builder.builder import run_build
 from pipeline.config import load_config
-out, sets = sys.argv[1], [a for a in sys.argv[2:] if a != "--set"]
+out, sets = sys.argv[1], sys.argv[2:]
 cfg = load_config("conf/tiny.yaml", [*sets, f"build.out={out}"])
 t0 = time.time()
 summary = run_build(cfg, progress_bar=False, log=lambda m: print(f"[{time.time() - t0:6.1f}s] {m}", flush=True), local=True)
