@@ -168,7 +168,7 @@ def markdown_table(path: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="A,B,N,S1", help="comma-separated row names (see --list)")
+    ap.add_argument("--rows", default=None, help="comma-separated row names (see --list; default A,B,N,S1, or none with --custom)")
     ap.add_argument("--custom", action="append", default=[], help='"name: key=value key=value" extra row (trainer batched)')
     ap.add_argument("--identities", type=int, default=8)
     ap.add_argument("--images", type=int, default=10)
@@ -184,7 +184,8 @@ def main(argv=None) -> int:
         for k, (d, o, t) in ROWS.items():
             print(f"{k}: {d}\n    {t} {' '.join(o)}")
         return 0
-    todo = [(r, *ROWS[r]) for r in args.rows.split(",") if r]
+    rows = args.rows if args.rows is not None else ("" if args.custom else "A,B,N,S1")
+    todo = [(r, *ROWS[r]) for r in rows.split(",") if r]
     for spec in args.custom:
         name, _, rest = spec.partition(":")
         todo.append((name.strip(), rest.strip(), rest.split(), "batched"))

@@ -166,6 +166,25 @@ def test_report_measures_and_writes(built):
     assert "## Against the targets" in (report / "report.md").read_text()
 
 
+def test_edits_only_models_synthfaces_can_draw_edited():
+    """The report edits the first models whose edit exists in SynthFaces, the perfect edit's rule: a beard
+    is added to men only (women are skipped), a bearded man may lose his; other attributes take every model."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.eval.report import editable_models
+
+    male = torch.tensor([0, 1, 0, 1, 1, 0, 1])
+    beard = torch.tensor([0, 1, 0, 0, 1, 0, 0])
+    space = SimpleNamespace(identities=[f"id{i}" for i in range(7)], labels={"male": male, "beard": beard})
+    assert editable_models(space, "beard", 3) == [1, 3, 4]
+    assert editable_models(space, "beard", 10) == [1, 3, 4, 6]
+    assert editable_models(space, "male", 3) == [0, 1, 2]
+    women = SimpleNamespace(identities=["a", "b"], labels={"male": torch.tensor([0, 0]), "beard": torch.tensor([0, 0])})
+    assert editable_models(women, "beard", 8) == []
+
+
 def test_heldout_attribute_accuracy_separates_encoded_from_random_labels():
     """The report's direction accuracy: near 1 for an attribute the coefficients encode, near chance for
     labels they do not; averaged over random fold assignments, with their spread."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -118,6 +118,12 @@ def sample_identity(seed: int, index: int) -> Identity:
     return Identity(seed=int(seed), index=int(index), attributes=attributes, traits=traits)
 
 
+def can_have(attributes: Mapping[str, int], name: str, value: int) -> bool:
+    """Whether SynthFaces draws a person with `attributes` and `name` set to `value`: it draws beards on
+    men only. The rule every edit measurement shares (a perfect edit, and which models the report edits)."""
+    return not (name == "beard" and value and not attributes.get("male", 1))
+
+
 def with_attribute(identity: Identity, name: str, value: int) -> Identity:
     """The same person with one attribute set: what a perfect edit gives (the report's reference for edits).
 
@@ -129,7 +135,7 @@ def with_attribute(identity: Identity, name: str, value: int) -> Identity:
     attributes, traits = dict(identity.attributes), dict(identity.traits)
     old, new = attributes[name], int(bool(value))
     attributes[name] = new
-    if name == "beard" and new and not attributes["male"]:
+    if not can_have(attributes, name, new):
         raise ValueError("SynthFaces draws beards on male identities only: set male first")
     if name == "young":
         own = traits["hair_own"]

@@ -209,11 +209,14 @@ def measure_editing(space, evaluators, render, true_vector, attributes: list[str
     from w2w_core.render import grid, tensor_to_pil
 
     attr_index = {a: evaluators.attribute_names.index(a) for a in attributes}
-    edit_models = range(min(settings.edit_models, len(space.identities)))
     edit_stats = {}
     edit_grid_rows, edit_grid_labels = [], []
     for attr in attributes:
         j = attr_index[attr]
+        edit_models = editable_models(space, attr, settings.edit_models)
+        if not edit_models:
+            edit_stats[attr] = {"skipped": "no training model can take this edit in SynthFaces"}
+            continue
         w2w_success, w2w_idsim, w2w_target, w2w_other = [], [], [], []
         sweep_strengths = settings.edit_sweep if attr in EDIT_TARGET_ATTRIBUTES else ()
         sweep_success = {s: [] for s in sweep_strengths}
@@ -252,11 +255,12 @@ def measure_editing(space, evaluators, render, true_vector, attributes: list[str
                 pp = evaluators.attributes(prompted)[0]
                 prompt_success.append(float(pp[j] > 0.5))
                 prompt_idsim.append(_cos(eb, evaluators.embed(prompted)).item())
-            if i == 0:
+            if i == edit_models[0]:
                 sweep = [space.edit(vec, {attr: s}) for s in GRID_STRENGTHS]
                 edit_grid_rows.append([tensor_to_pil(render(v, [INSTANCE_PROMPT], [0])[0]) for v in sweep])
                 edit_grid_labels.append(attr)
         edit_stats[attr] = {
+            "edited_models": list(edit_models),
             "w2w_success": float(np.mean(w2w_success)),
             "w2w_id_similarity": float(np.mean(w2w_idsim)),
             "w2w_target_change": float(np.mean(w2w_target)),
@@ -274,6 +278,21 @@ def measure_editing(space, evaluators, render, true_vector, attributes: list[str
     return edit_stats
 
 
+def editable_models(space, attr: str, n: int) -> list[int]:
+    """The first `n` training models whose edit (towards the value they lack) SynthFaces can draw: the perfect
+    edit's rule (`synthfaces.can_have`), so both edit the same kind of people; a beard is edited on men only."""
+    from pipeline.data.synthfaces import can_have
+
+    chosen = []
+    for i in range(len(space.identities)):
+        labels = {a: int(v[i]) for a, v in space.labels.items()}
+        if can_have(labels, attr, 1 - labels[attr]):
+            chosen.append(i)
+            if len(chosen) == n:
+                break
+    return chosen
+
+
 def _embedder_words(numbers: dict) -> str:
     invariant = (numbers.get("evaluators") or {}).get("invariant_to") or []
     if not invariant:
@@ -289,7 +308,7 @@ def perfect_edit(evaluators, attr: str, settings: ReportSettings) -> dict:
     index, as the w2w edit compares the same seed) and the classifier's success. Below 1 even with an
     embedder trained to ignore the attribute (docs/TINY_WORLD.md, "Evaluators"), and far below for `male`,
     which it reads as identity, as a face recogniser does."""
-    from pipeline.data.synthfaces import render, sample_identity, to_tensor, with_attribute
+    from pipeline.data.synthfaces import can_have, render, sample_identity, to_tensor, with_attribute
 
     j = evaluators.attribute_names.index(attr)
     sims, hits = [], []
@@ -298,10 +317,9 @@ def perfect_edit(evaluators, attr: str, settings: ReportSettings) -> dict:
             break
         identity = sample_identity(settings.heldout_seed, index)
         wanted = 1 - identity.attributes[attr]
-        try:
-            edited = with_attribute(identity, attr, wanted)
-        except ValueError:  # a beard on a female face: SynthFaces has no such person
+        if not can_have(identity.attributes, attr, wanted):  # a beard on a female face: SynthFaces has no such person
             continue
+        edited = with_attribute(identity, attr, wanted)
         before = to_tensor(np.stack([render(identity, k) for k in (0, 1)]))
         after = to_tensor(np.stack([render(edited, k) for k in (0, 1)]))
         sims.append(_cos(evaluators.embed(before), evaluators.embed(after)).mean().item())
@@ -496,7 +514,11 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         "", "![sampling](sampling.png)", "",
         "## Editing", "",
         f"Each model is edited by {numbers['settings'].get('edit_strength', 2.0):g} calibrated standard deviations along each direction, "
-        "towards the attribute it lacks. Success = the classifier ends on the intended side. Prompting baseline: `sks person, <attribute>` on the unedited model (additions only).", "",
+        "towards the attribute it lacks. Success = the classifier ends on the intended side. Prompting baseline: `sks person, <attribute>` on the unedited model (additions only). "
+        "The edited models are the first training models whose edit SynthFaces can draw, as for the perfect edit below: "
+        "SynthFaces draws no bearded women, so beard is edited on men"
+        + (f" (models {', '.join(map(str, numbers['editing']['beard']['edited_models']))})" if "edited_models" in (numbers["editing"].get("beard") or {}) else "")
+        + ".", "",
         f"Gated: the same edit applied only after the first {numbers['settings'].get('gated_edit_start', 0):g} of the "
         "denoising steps (`--edit-start`; the unedited model lays out the image first).", "",
         "| attribute | w2w success | w2w ID sim | Δ target | mean |Δ| other attrs | prompt success | prompt ID sim | gated success | gated ID sim |",
@@ -504,6 +526,9 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
     ]
     for a in attributes:
         e = numbers["editing"][a]
+        if "skipped" in e:
+            lines.append(f"| {a} | skipped: {e['skipped']} |" + " |" * 7)
+            continue
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
         lines.append(f"| {a} | {e['w2w_success']:.2f} | {e['w2w_id_similarity']:.3f} | {e['w2w_target_change']:+.3f} | "
                      f"{e['w2w_other_attribute_change']:.3f} | {fmt(e['prompt_success'])} ({e['prompt_cases']}) | {fmt(e['prompt_id_similarity'])} | "
@@ -602,7 +627,7 @@ def targets_markdown(numbers: dict) -> list[str]:
             f"{inv['w2w']:.3f} vs LoRA {inv['lora']:.3f}", inv["w2w"] >= need, f"{need - inv['w2w']:.3f}")
     for a in EDIT_TARGET_ATTRIBUTES:
         e = (numbers.get("editing") or {}).get(a)
-        if e:
+        if e and "skipped" not in e:
             tried = _edit_tries(numbers, a)  # met if one measured strength meets both
             ok = any(su >= t["edit_success"] and ids >= t["edit_id"] for _, su, ids in tried)
             _, su, ids = min(tried, key=lambda x: max(0.0, t["edit_success"] - x[1]) + max(0.0, t["edit_id"] - x[2]))

@@ -54,7 +54,7 @@ def subset_folder(out: Path, work: Path, n: int) -> Path:
 def summarize(record: dict, fidelity: dict, direction_attributes: list[str], evr_k: int) -> dict:
     """The curves' numbers for one N (flat): what the plot and the table show."""
     inv, smp, ws, edits = record["inversion"], record["sampling"], record["weight_space"], record["editing"]
-    edit_attrs = [a for a in EDIT_TARGET_ATTRIBUTES if a in edits]
+    edit_attrs = [a for a in EDIT_TARGET_ATTRIBUTES if a in edits and "skipped" not in edits[a]]
     acc = ws["heldout_attribute_accuracy"]
     accs = [acc[a]["balanced_accuracy"] for a in direction_attributes if a in acc]
     evr = ws["explained_variance_ratio"]
