@@ -6,7 +6,9 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="build output folder with a subspace and directions")
-    parser.add_argument("--sample-models", type=int, default=8, help="sampled models to evaluate (default 8)")
+    parser.add_argument("--sample-models", type=int, default=16,
+                        help="sampled models to evaluate (default 16: with 8, one sample moves the novel fraction by "
+                             "0.125, more than the target's 0.10 margin)")
     parser.add_argument("--edit-models", type=int, default=8, help="training models to edit per attribute (default 8)")
     parser.add_argument("--invert-identities", type=int, default=4, help="held-out identities to invert (default 4)")
     parser.add_argument("--invert-steps", type=int, default=200, help="inversion steps, also the LoRA baseline's (default 200)")

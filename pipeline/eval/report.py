@@ -21,7 +21,9 @@ ATTRIBUTE_WORDS = {"male": "male", "young": "young", "pale_skin": "pale_skin"}
 
 @dataclass
 class ReportSettings:
-    sample_models: int = 8
+    # 16, not 8: one sample moves the novel fraction by 1/n (8 made the ">= 0.90 novel" target "all novel"),
+    # and the samples' attribute confidence varied by about ±0.02 between 8-sample draws (docs/RESULTS.md).
+    sample_models: int = 16
     edit_models: int = 8
     edit_strength: float = 2.0  # in units of the calibrated sigma of each direction
     # Further strengths measured for the target attributes (EDIT_TARGET_ATTRIBUTES): the success / ID
