@@ -122,6 +122,9 @@ class WeightSpace:
                     directions[name] = value
                 elif kind == "strength":
                     strengths[name] = float(value)
+            # the file's key order is arbitrary (safetensors' header is a hash map): use the manifest's order
+            order = [n for n in (meta.get("attributes") or []) if n in directions] + sorted(set(directions) - set(meta.get("attributes") or []))
+            directions = {n: directions[n] for n in order}
         return cls(
             layout,
             t["mean"],
