@@ -527,9 +527,9 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         "## Editing", "",
         f"Each model is edited by {numbers['settings'].get('edit_strength', 2.0):g} calibrated standard deviations along each direction, "
         "towards the attribute it lacks. Success = the classifier ends on the intended side. Prompting baseline: `sks person, <attribute>` on the unedited model (additions only). "
-        "The edited models are the first training models whose edit SynthFaces can draw, as for the perfect edit below: "
-        "SynthFaces draws no bearded women, so beard is edited on men"
-        + (f" (models {', '.join(map(str, numbers['editing']['beard']['edited_models']))})" if "edited_models" in (numbers["editing"].get("beard") or {}) else "")
+        "The edited models are the first training models whose edit SynthFaces can draw, as for the perfect edit below"
+        + (f": SynthFaces draws no bearded women, so beard is edited on men (models {', '.join(map(str, numbers['editing']['beard']['edited_models']))})"
+           if "edited_models" in (numbers["editing"].get("beard") or {}) else "")
         + ".", "",
         f"Gated: the same edit applied only after the first {numbers['settings'].get('gated_edit_start', 0):g} of the "
         "denoising steps (`--edit-start`; the unedited model lays out the image first).", "",
