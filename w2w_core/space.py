@@ -123,8 +123,9 @@ class WeightSpace:
                 elif kind == "strength":
                     strengths[name] = float(value)
             # the file's key order is arbitrary (safetensors' header is a hash map): use the manifest's order
-            order = [n for n in (meta.get("attributes") or []) if n in directions] + sorted(set(directions) - set(meta.get("attributes") or []))
-            directions = {n: directions[n] for n in order}
+            manifest_order = meta.get("attributes") or []
+            order = [a for a in manifest_order if a in directions] + sorted(set(directions) - set(manifest_order))
+            directions = {a: directions[a] for a in order}
         return cls(
             layout,
             t["mean"],

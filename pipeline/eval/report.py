@@ -222,12 +222,11 @@ def measure_editing(space, evaluators, render, true_vector, attributes: list[str
             continue
         edited_renders: dict[tuple[int, float], torch.Tensor] = {}
 
-        def render_edit(i: int, strength: float) -> torch.Tensor:
-            """Model i edited by `strength` sd along `attr`, rendered once: the measurements and the grid share it."""
+        def render_edit(i: int, vec: torch.Tensor, strength: float) -> torch.Tensor:
+            """Model i (`vec`) edited by `strength` sd along `attr`, rendered once: the measurements and the grid share it."""
             cache, key = (unedited, i) if strength == 0 else (edited_renders, (i, strength))
             if key not in cache:
-                cache[key] = render(space.edit(true_vector(i), {attr: strength}) if strength else true_vector(i),
-                                    [INSTANCE_PROMPT], [0])
+                cache[key] = render(space.edit(vec, {attr: strength}) if strength else vec, [INSTANCE_PROMPT], [0])
             return cache[key]
 
         w2w_success, w2w_idsim, w2w_target, w2w_other = [], [], [], []
@@ -241,8 +240,8 @@ def measure_editing(space, evaluators, render, true_vector, attributes: list[str
             label = int(space.labels[attr][i])
             direction = 1.0 if label == 0 else -1.0
             edited = space.edit(vec, {attr: direction * settings.edit_strength})
-            before = render_edit(i, 0.0)
-            after = render_edit(i, direction * settings.edit_strength)
+            before = render_edit(i, vec, 0.0)
+            after = render_edit(i, vec, direction * settings.edit_strength)
             pb, pa = evaluators.attributes(before)[0], evaluators.attributes(after)[0]
             eb, ea = evaluators.embed(before), evaluators.embed(after)
 
@@ -255,7 +254,7 @@ def measure_editing(space, evaluators, render, true_vector, attributes: list[str
             others = [k for k in range(len(pb)) if k != j]
             w2w_other.append((pa[others] - pb[others]).abs().mean().item())
             for s in sweep_strengths:
-                stronger = render_edit(i, direction * s)
+                stronger = render_edit(i, vec, direction * s)
                 sweep_success[s].append(reached(evaluators.attributes(stronger)[0]))
                 sweep_idsim[s].append(_cos(eb, evaluators.embed(stronger)).item())
             if settings.gated_edit_start > 0:
@@ -269,7 +268,7 @@ def measure_editing(space, evaluators, render, true_vector, attributes: list[str
                 prompt_success.append(float(pp[j] > 0.5))
                 prompt_idsim.append(_cos(eb, evaluators.embed(prompted)).item())
             if i == edit_models[0]:
-                edit_grid_rows.append([tensor_to_pil(render_edit(i, s)[0]) for s in GRID_STRENGTHS])
+                edit_grid_rows.append([tensor_to_pil(render_edit(i, vec, s)[0]) for s in GRID_STRENGTHS])
                 edit_grid_labels.append(attr)
         edit_stats[attr] = {
             "edited_models": list(edit_models),
