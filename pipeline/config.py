@@ -45,6 +45,10 @@ class TrainConfig:
     # Every identity starts from the same lora_A (seeded by `seed` alone), so the weight space
     # holds what training learned rather than each model's random initialisation.
     shared_init: bool = True
+    # false: lora_A stays at its (shared) init and only lora_B trains (LoRA-FA). Every model's update
+    # B @ A is then linear in its row of the store, so the weight space has no factorisation freedom
+    # (B A = (B M)(M^-1 A)) for the PCA to spend variance on. Needs shared_init.
+    train_lora_a: bool = True
     mixed_precision: str = "no"  # no | bf16 | fp16
     # torch.compile the UNet for the batched trainer's steps (on one H100 at the SD1.5 shape: 1.51x
     # the samples/s after a one-off compilation; docs/BENCHMARKS.md). Off for the tiny CPU world.
@@ -209,6 +213,9 @@ def validate(cfg: W2WConfig) -> None:
             raise ConfigError(f"{dotted} must be >= 0, got {_get(cfg, dotted)!r}")
     if not cfg.lora.targets:
         raise ConfigError("lora.targets is empty; the published recipe uses [to_q, to_v]")
+    if not cfg.train.train_lora_a and not cfg.train.shared_init:
+        raise ConfigError("train.train_lora_a=false keeps each model's lora_A at its init, so it needs train.shared_init=true "
+                          "(one A for every model); otherwise the store's rows differ by their random A")
 
 
 def _get(cfg, dotted: str):

@@ -52,6 +52,8 @@ def test_range_checks():
         load_config("conf/tiny.yaml", ["train.steps=0"])
     with pytest.raises(ConfigError, match="train.lr must be >= 0"):
         load_config("conf/tiny.yaml", ["train.lr=-1"])
+    with pytest.raises(ConfigError, match="train.train_lora_a=false.*train.shared_init=true"):
+        load_config("conf/tiny.yaml", ["train.train_lora_a=false", "train.shared_init=false"])
 
 
 def test_bad_yaml_file(tmp_path):

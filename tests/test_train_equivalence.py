@@ -16,6 +16,7 @@ from pipeline.train import (
     save_class_latents,
     train_identities,
 )
+from pipeline.train.common import identity_generator, init_lora_A
 from w2w_core.layout import LoraLayout
 from w2w_core.model import TINY_UNET, random_tiny_base
 
@@ -177,6 +178,27 @@ def test_conv_lora_batched_equals_reference(world):
         assert moved > 1e-3  # the conv LoRAs really trained
         torch.testing.assert_close(b.vector, r.vector, atol=ATOL, rtol=0)
         assert b.final_loss == pytest.approx(r.final_loss, abs=1e-4)
+
+
+def test_frozen_lora_a_trains_only_b_in_both_trainers(world):
+    """train.train_lora_a=false (LoRA-FA): every model keeps the one shared lora_A, so B @ A is linear in
+    the store's row; the batched trainer still equals peft's reference, which differs from training A."""
+    base, layout, cfg, class_latents = world
+    frozen = dataclasses.replace(cfg, train_lora_a=False)
+    ids = _identities(2, seed=3)
+    ref, bat = _train_both(base, layout, frozen, ids, class_latents)
+    trained_a = train_identities(base, layout, cfg, ids, trainer="batched", class_latents=class_latents)
+    a_keys = [k for k in layout.keys if ".lora_A." in k]
+    b_keys = [k for k in layout.keys if ".lora_B." in k]
+    for r, b, t in zip(ref, bat, trained_a):
+        assert r.status == b.status == "ok"
+        torch.testing.assert_close(b.vector, r.vector, atol=ATOL, rtol=0)
+        got, moved = layout.unflatten(b.vector), layout.unflatten(t.vector)
+        init = init_lora_A(layout, identity_generator(frozen.seed, 0), frozen)  # the shared init
+        for k in a_keys:
+            torch.testing.assert_close(got[k], init[k.split(".lora_A.")[0]], atol=0, rtol=0)
+        assert max(float((got[k] - moved[k]).abs().max()) for k in a_keys) > 1e-4  # training A would move it
+        assert max(float(got[k].abs().max()) for k in b_keys) > 1e-3  # B trained
 
 
 def test_train_compile_flag_reaches_the_batched_step(world, monkeypatch):

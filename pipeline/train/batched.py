@@ -143,10 +143,11 @@ def _train_group(base, unet, layout, linears, train_cfg, group, ctx, options) ->
     A_params, B_params, params = {}, {}, []
     for m in layout.modules:
         # (K, *peft shape): linear A (r, in), B (out, r); conv A (r, in, kh, kw), B (out, r, 1, 1)
-        A = torch.nn.Parameter(torch.stack([init[m] for init in inits]).to(device=device, dtype=torch.float32))
+        A = torch.nn.Parameter(torch.stack([init[m] for init in inits]).to(device=device, dtype=torch.float32),
+                               requires_grad=bool(train_cfg.train_lora_a))
         B = torch.nn.Parameter(torch.zeros(K, *layout.shapes[f"{m}.lora_B.weight"], device=device, dtype=torch.float32))
         A_params[m], B_params[m] = A, B
-        params += [A, B]
+        params += [A, B] if A.requires_grad else [B]
 
     for m in layout.modules:
         _swap(unet, m, _multi_lora(linears[m], A_params[m], B_params[m], layout.scaling))

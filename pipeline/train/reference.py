@@ -80,9 +80,9 @@ def _train(base, unet, layout, train_cfg, prepared, ctx, sync_loss) -> TrainResu
         with torch.no_grad():
             lora_A.data = A_init[module_name].to(device=device, dtype=torch.float32)
             lora_B.data = torch.zeros(lora_B.shape, device=device, dtype=torch.float32)
-        lora_A.requires_grad_(True)
+        lora_A.requires_grad_(bool(train_cfg.train_lora_a))
         lora_B.requires_grad_(True)
-        params += [lora_A, lora_B]
+        params += [lora_A, lora_B] if lora_A.requires_grad else [lora_B]
     optimizer = torch.optim.AdamW(
         params,
         lr=train_cfg.lr,
