@@ -163,6 +163,7 @@ def test_report_measures_and_writes(built):
     for name in ("report.md", "fidelity.png", "sampling.png", "editing.png", "inversion.png", "pc_scatter.png"):
         assert (report / name).stat().st_size > 0
     assert "| male |" in (report / "report.md").read_text()
+    assert "Held-out identities: 1 (never in the build)" in (report / "report.md").read_text()  # says how few it averages
     assert "## Against the targets" in (report / "report.md").read_text()
 
 

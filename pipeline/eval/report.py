@@ -560,7 +560,9 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
     lines += [
         "", "![editing](editing.png)", "",
         "## Inversion", "",
-        "Held-out identities (never in the build), one image each. ID similarity of renders to the identity's other images.", "",
+        f"Held-out identities: {numbers['settings']['invert_identities']} (never in the build), one image each. ID similarity "
+        "of renders to the identity's other images. Single identities differ by 0.1-0.3, so a mean over a few is rough "
+        "(`w2w report --invert-identities` sets how many).", "",
         "| method | ID similarity | seconds per identity |", "|---|---|---|",
         f"| w2w inversion | {inv['w2w']:.3f} | {inv['w2w_seconds']:.1f} |",
         f"| single-image LoRA, same step budget | {inv['lora']:.3f} | {inv['lora_seconds']:.1f} |",
