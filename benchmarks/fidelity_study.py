@@ -94,6 +94,7 @@ def run_row(name: str, desc: str, overrides: list[str], trainer: str, n_ids: int
     from pipeline.eval.evaluators import load_evaluators
     from pipeline.eval.fidelity import identity_fidelity
     from pipeline.eval.report import Renderer
+    from w2w_core.render import LoraSlot
     from pipeline.train import IdentityInput, generate_class_latents, train_identities
     from w2w_core.layout import LoraLayout
     from w2w_core.model import load_base_model
@@ -116,14 +117,14 @@ def run_row(name: str, desc: str, overrides: list[str], trainer: str, n_ids: int
     ev = load_evaluators()
     render = Renderer(base, layout, 25)
     labels = torch.tensor([[idents[i].attributes[a] for a in ATTRIBUTE_NAMES] for i in range(n_ids)])
-    fid = identity_fidelity(render, ev, vectors, imgs, labels, ATTRIBUTE_NAMES)
+    fid = identity_fidelity(render.many, ev, vectors, imgs, labels, ATTRIBUTE_NAMES)
     embeds = base.encode_prompts([cfg.train.instance_prompt])
     mse_model, mse_base = [], []
-    for i in range(n_ids):
-        lat = base.encode_images(imgs[i]).float()
-        mse_model.append(denoise_error(base, render.slot, vectors[i], lat, embeds, gen_seed=i))
-        mse_base.append(denoise_error(base, render.slot, torch.zeros(layout.numel), lat, embeds, gen_seed=i))
-    render.close()
+    with LoraSlot(base, layout) as slot:
+        for i in range(n_ids):
+            lat = base.encode_images(imgs[i]).float()
+            mse_model.append(denoise_error(base, slot, vectors[i], lat, embeds, gen_seed=i))
+            mse_base.append(denoise_error(base, slot, torch.zeros(layout.numel), lat, embeds, gen_seed=i))
     # |delta W| relative to |W| over the adapted modules (the probe's "updates too large" check)
     named = dict(base.unet.named_modules())
     dw, w = 0.0, 0.0

@@ -97,12 +97,9 @@ def projection_bound(args) -> dict:
     render = Renderer(base, space.layout, 25)
     out = {"measure": "projection-bound", "space": str(args.out_dir), "models": len(space.identities), "k": space.k,
            "heldout_identities": n, "variance_kept_by_projection": round(sum(kept) / n, 3), "train_seconds": round(train_s, 1)}
-    try:
-        for name, vectors in (("full_lora", full), ("projected", projected)):
-            r = identity_fidelity(render, evaluators, vectors, images)
-            out[name] = {k: round(v, 3) for k, v in r.items() if isinstance(v, float)}
-    finally:
-        render.close()
+    for name, vectors in (("full_lora", full), ("projected", projected)):
+        r = identity_fidelity(render.many, evaluators, vectors, images)
+        out[name] = {k: round(v, 3) for k, v in r.items() if isinstance(v, float)}
     return out
 
 

@@ -152,14 +152,13 @@ def flops_per_sample(base, layout, ctx, args, size) -> float:
     """Measured FLOP of one training step (forward + backward, LoRA attached) divided by its samples."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.train.batched import _multi_lora, _swap
-    from pipeline.train.common import check_layout_modules
+    from w2w_core.multi_lora import check_layout_modules, multi_lora, swap_module
 
     linears = check_layout_modules(layout, base.unet)
     for m in layout.modules:  # one identity's LoRA, as the batched trainer attaches it (linear or conv)
         A = torch.nn.Parameter(torch.randn(1, *layout.shapes[f"{m}.lora_A.weight"], device=base.device) * 0.01)
         B = torch.nn.Parameter(torch.zeros(1, *layout.shapes[f"{m}.lora_B.weight"], device=base.device))
-        _swap(base.unet, m, _multi_lora(linears[m], A, B, layout.scaling))
+        swap_module(base.unet, m, multi_lora(linears[m], A, B, layout.scaling))
     try:
         n = 1
         lat = torch.randn(n, 4, size, size, device=base.device)
@@ -171,7 +170,7 @@ def flops_per_sample(base, layout, ctx, args, size) -> float:
         return float(counter.get_total_flops()) / n
     finally:
         for m in layout.modules:
-            _swap(base.unet, m, linears[m])
+            swap_module(base.unet, m, linears[m])
 
 
 def peak_tflops(args) -> float:

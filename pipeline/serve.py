@@ -92,8 +92,7 @@ class Explorer:
         self.base = base if base is not None else space.base_model()
         self.evaluators = evaluators
         self.render_seed = int(render_seed)
-        self.lock = threading.Lock()  # one LoRA slot in one UNet: one render or inversion at a time
-        self._renderer_cls = Renderer
+        self.lock = threading.Lock()  # one UNet: one render or inversion at a time
         self.renderer = Renderer(self.base, space.layout, int(render_steps))
         self._tmp = tempfile.TemporaryDirectory(prefix="w2w-serve-") if workdir is None else None
         self.workdir = Path(workdir) if workdir is not None else Path(self._tmp.name)
@@ -120,11 +119,9 @@ class Explorer:
     # ------------------------------------------------------------------ renders
     def render(self, vectors: list[torch.Tensor], prompts: list[str]) -> torch.Tensor:
         """(len(vectors) * len(prompts), 3, H, W) in [-1, 1]: every vector in every prompt, same noise."""
-        images = []
         with self.lock:
-            for vector in vectors:
-                images.append(self.renderer(vector, list(prompts), [self.render_seed] * len(prompts)))
-        return torch.cat(images)
+            images = self.renderer.many(list(vectors), list(prompts), [self.render_seed] * len(prompts))
+        return images.flatten(0, 1)
 
     def render_unedited(self, model: Model, prompt: str) -> torch.Tensor:
         key = (prompt, self.render_seed, self.renderer.steps)
@@ -154,18 +151,14 @@ class Explorer:
     # ------------------------------------------------------------------ inversion
     def invert(self, image: Image.Image, mask: Image.Image | None = None, steps: int = 100, preset: str = "in",
                progress: Callable[[int, float], None] | None = None):
-        """One image -> InversionResult. The render slot is detached while the inversion's own slot is on."""
+        """One image -> InversionResult."""
         from w2w_core.render import pil_to_tensor
 
         target = pil_to_tensor(image, self.base.resolution)
         weight = None if mask is None else (pil_to_tensor(mask, self.base.resolution).mean(0) + 1) / 2
         with self.lock:
-            self.renderer.close()
-            try:
-                return self.space.invert(target, base=self.base, preset=preset, steps=int(steps), mask=weight,
-                                         seed=self.render_seed, progress=progress)
-            finally:
-                self.renderer = self._renderer_cls(self.base, self.space.layout, self.renderer.steps)
+            return self.space.invert(target, base=self.base, preset=preset, steps=int(steps), mask=weight,
+                                     seed=self.render_seed, progress=progress)
 
     # ------------------------------------------------------------------ nearest, export
     def nearest(self, vector: torch.Tensor, k: int = 4) -> list[tuple[str, float, torch.Tensor]]:

@@ -164,6 +164,9 @@ def test_report_measures_and_writes(built):
         assert (report / name).stat().st_size > 0
     assert "| male |" in (report / "report.md").read_text()
     assert "Held-out identities: 1 (never in the build)" in (report / "report.md").read_text()  # says how few it averages
+    per_identity = numbers["inversion"]["per_identity"]["w2w"]  # and how far single identities lie apart
+    assert len(per_identity) == 1 and per_identity[0] == pytest.approx(numbers["inversion"]["w2w"])
+    assert f"range from {per_identity[0]:.2f} to {per_identity[0]:.2f}" in (report / "report.md").read_text()
     assert "## Against the targets" in (report / "report.md").read_text()
 
 

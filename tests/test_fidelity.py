@@ -34,12 +34,11 @@ def trained():
     labels = torch.tensor([[idents[i].attributes[a] for a in ATTRIBUTE_NAMES] for i in range(N)])
     render = Renderer(base, layout, steps=10)
     yield render, [r.vector for r in results], images, labels, layout
-    render.close()
 
 
 def test_trained_loras_hold_identity_above_the_floor(trained):
     render, vectors, images, labels, _ = trained
-    f = identity_fidelity(render, load_evaluators(), vectors, images, labels, ATTRIBUTE_NAMES)
+    f = identity_fidelity(render.many, load_evaluators(), vectors, images, labels, ATTRIBUTE_NAMES)
     assert f["ceiling"] > 0.8  # real images of one identity agree with each other
     assert f["fidelity"] > f["floor"] + 0.1, f
     assert f["attribute_agreement"] > f["attribute_agreement_floor"], f
@@ -48,7 +47,7 @@ def test_trained_loras_hold_identity_above_the_floor(trained):
 def test_trained_lora_changes_the_render_and_a_zero_lora_does_not(trained):
     render, vectors, images, labels, layout = trained
     ev = load_evaluators()
-    zero = identity_fidelity(render, ev, [torch.zeros(layout.numel)] * N, images)
-    trained_f = identity_fidelity(render, ev, vectors, images)
+    zero = identity_fidelity(render.many, ev, [torch.zeros(layout.numel)] * N, images)
+    trained_f = identity_fidelity(render.many, ev, vectors, images)
     assert zero["render_change"] == 0.0 and zero["fidelity"] == pytest.approx(zero["floor"], abs=1e-6)
     assert trained_f["render_change"] > 0.05, trained_f["render_change"]

@@ -190,11 +190,11 @@ def test_frozen_lora_a_trains_only_b_in_both_trainers(world):
     trained_a = train_identities(base, layout, cfg, ids, trainer="batched", class_latents=class_latents)
     a_keys = [k for k in layout.keys if ".lora_A." in k]
     b_keys = [k for k in layout.keys if ".lora_B." in k]
+    init = init_lora_A(layout, identity_generator(frozen.seed, 0), frozen)  # the shared init
     for r, b, t in zip(ref, bat, trained_a):
         assert r.status == b.status == "ok"
         torch.testing.assert_close(b.vector, r.vector, atol=ATOL, rtol=0)
         got, moved = layout.unflatten(b.vector), layout.unflatten(t.vector)
-        init = init_lora_A(layout, identity_generator(frozen.seed, 0), frozen)  # the shared init
         for k in a_keys:
             torch.testing.assert_close(got[k], init[k.split(".lora_A.")[0]], atol=0, rtol=0)
         assert max(float((got[k] - moved[k]).abs().max()) for k in a_keys) > 1e-4  # training A would move it

@@ -65,7 +65,9 @@ def pick_model(space, args):
 
 def run(args) -> int:
     from jobs.cli import UserError
-    from w2w_core.render import LoraSlot, edit_switch_step, generate_gated, grid
+    import torch
+
+    from w2w_core.render import edit_switch_step, generate_models, grid, tensor_to_pil
     from w2w_core.space import WeightSpace
 
     space = WeightSpace.load(args.out)
@@ -95,21 +97,25 @@ def run(args) -> int:
     base = space.base_model()
     prompt = prompts_of(args)[0]
     rows, row_labels = [], []
-    with LoraSlot(base, space.layout) as slot:
-        def render(v, name=None):
-            if args.save_loras and name:
-                space.save_lora(v, f"{args.save_loras}/{name}", format=args.lora_format)
-            return generate_gated(base, slot, vec, v, args.edit_start, [prompt], seed=args.seed, steps=args.render_steps,
-                                  guidance_scale=args.guidance)[0]
 
-        for name in attributes:
-            rows.append([render(space.edit(vec, {name: s}), f"{name}_{s:+g}") for s in strengths])
-            row_labels.append(name)
-            print(f"edit: {name} swept over {strengths}", flush=True)
-        for edits in composed:
-            rows.append([render(space.edit(vec, {k: s * v for k, v in edits.items()}), f"{'+'.join(edits)}_{s:+g}")
-                         for s in strengths])
-            row_labels.append("+".join(edits))
+    def render_row(vectors: list, names: list[str]) -> list:
+        """One grid row, its models rendered in one call (each timestep-gated from the unedited model)."""
+        if args.save_loras:
+            for v, name in zip(vectors, names):
+                space.save_lora(v, f"{args.save_loras}/{name}", format=args.lora_format)
+        images = generate_models(base, space.layout, torch.stack([vec] * len(vectors)), [prompt], [args.seed],
+                                 steps=args.render_steps, guidance_scale=args.guidance, edited=torch.stack(vectors),
+                                 edit_start=args.edit_start)
+        return [tensor_to_pil(x[0]) for x in images]
+
+    for name in attributes:
+        rows.append(render_row([space.edit(vec, {name: s}) for s in strengths], [f"{name}_{s:+g}" for s in strengths]))
+        row_labels.append(name)
+        print(f"edit: {name} swept over {strengths}", flush=True)
+    for edits in composed:
+        rows.append(render_row([space.edit(vec, {k: s * v for k, v in edits.items()}) for s in strengths],
+                               [f"{'+'.join(edits)}_{s:+g}" for s in strengths]))
+        row_labels.append("+".join(edits))
     col_labels = [f"{s:+g} sd" for s in strengths]
     path = save_png(grid(rows, row_labels=row_labels, col_labels=col_labels), args.grid)
     print(f"wrote {path} (model: {label}; composed rows scale every listed strength by the column)")

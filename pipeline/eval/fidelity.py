@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 FIDELITY_SEEDS = (0, 1, 2, 3)
-# (vector, prompts, seeds) -> images (B, 3, H, W) in [-1, 1]
-RenderFn = Callable[[torch.Tensor, list, list], torch.Tensor]
+# (vectors, prompts, seeds) -> images (K, S, 3, H, W) in [-1, 1], e.g. pipeline.eval.report.Renderer.many
+RenderFn = Callable[[list, list, list], torch.Tensor]
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -59,14 +59,15 @@ def identity_fidelity(
         means.append(emb.mean(0))
         ceiling.append(_cos(emb[0], emb[1:].mean(0)).item())
     means_t = torch.stack(means)  # (N, E)
-    base_imgs = render(torch.zeros_like(vectors[0]), prompts, seeds)
+    all_imgs = render([torch.zeros_like(vectors[0])] + list(vectors), prompts, seeds)
+    base_imgs = all_imgs[0]
     base_emb = evaluators.embed(base_imgs)  # (S, E)
     base_sims = _cos(base_emb[:, None], means_t[None])  # (S, N)
     floor = base_sims.mean(0)  # (N,)
 
     fidelity, id_hits, change, renders, per_seed = [], [], [], [], []
-    for i, vec in enumerate(vectors):
-        imgs = render(vec, prompts, seeds)
+    for i in range(len(vectors)):
+        imgs = all_imgs[i + 1]
         emb = evaluators.embed(imgs)
         sims = _cos(emb[:, None], means_t[None])  # (S, N)
         fidelity.append(sims[:, i].mean().item())

@@ -49,30 +49,36 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class Renderer:
-    """Render models (flat vectors) with fixed seeds through one LoRA slot."""
+    """Render models (flat vectors) with fixed seeds, many models per pipeline call.
+
+    Holds no adapter between calls (each call opens a MultiLoraSlot), so the base UNet is bare
+    for fits (inversion, single-image LoRAs) in between."""
 
     def __init__(self, base, layout, steps: int):
-        from w2w_core.render import LoraSlot
+        from w2w_core.render import IMAGES_PER_CALL
 
-        self.base, self.steps = base, steps
-        self.slot = LoraSlot(base, layout)
+        self.base, self.layout, self.steps = base, layout, steps
+        self.images_per_call = IMAGES_PER_CALL
+
+    def many(self, vectors, prompts, seeds: list[int], edited=None, edit_start: float = 0.0) -> torch.Tensor:
+        """(K, m, 3, H, W): each of the K vectors (or `edited` after `edit_start`, see generate_models) at
+        `seeds`, with `prompts` (m, or m per model)."""
+        from w2w_core.render import generate_models
+
+        vectors = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vectors])
+        per_model = not prompts or not isinstance(prompts[0], str)
+        chunk = max(1, self.images_per_call // max(1, len(seeds)))
+        out = []
+        for start in range(0, len(vectors), chunk):
+            part = slice(start, start + chunk)
+            out.append(generate_models(self.base, self.layout, vectors[part], prompts[part] if per_model else prompts,
+                                       seeds, steps=self.steps,
+                                       edited=None if edited is None else torch.stack(list(edited[part])),
+                                       edit_start=edit_start).cpu())
+        return torch.cat(out)
 
     def __call__(self, vector: torch.Tensor, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        from w2w_core.render import generate
-
-        self.slot.set(vector)
-        return generate(self.base, prompts, seed=seeds, steps=self.steps, output_type="pt").cpu()
-
-    def gated(self, original: torch.Tensor, edited: torch.Tensor, edit_start: float, prompts: list[str],
-              seeds: list[int]) -> torch.Tensor:
-        """`original` for the first `edit_start` of the denoising, `edited` after (timestep-gated edit)."""
-        from w2w_core.render import generate_gated
-
-        return generate_gated(self.base, self.slot, original, edited, edit_start, prompts, seed=seeds,
-                              steps=self.steps, output_type="pt").cpu()
-
-    def close(self) -> None:
-        self.slot.remove()
+        return self.many([vector], prompts, seeds)[0]
 
 
 def model_vectors(store, space):
@@ -126,10 +132,7 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
 
     # ------------------------------------------------------------------ inversion
     log("report: inversion")
-    # Fit both methods on the bare base model (no render adapter attached), then render.
-    render.close()
     numbers["inversion"] = measure_inversion(space, store, base, evaluators, settings, report_dir)
-    render = Renderer(base, space.layout, settings.render_steps)
 
     # ------------------------------------------------------------------ the weight space itself
     log("report: weight space")
@@ -141,7 +144,6 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
 
     # ------------------------------------------------------------------ PC scatter
     _scatter(space, attributes[0] if attributes else None, report_dir / "pc_scatter.png")
-    render.close()
     numbers["seconds"] = time.perf_counter() - started
     (report_dir / "report.json").write_text(json.dumps(numbers, indent=1))
     md += _markdown(numbers, attributes) + targets_markdown(numbers)
@@ -160,11 +162,9 @@ def measure_sampling(space, evaluators, render, true_vector, settings: ReportSet
     index_of = {identity: i for i, identity in enumerate(space.identities)}
     n = settings.sample_models
     sampled = space.sample(n, seed=settings.seed)
-    sample_imgs, nearest_imgs = [], []
-    for i in range(n):
-        sample_imgs.append(render(sampled[i], [INSTANCE_PROMPT] * 2, [0, 1]))
-        identity, _ = space.nearest(sampled[i], k=1)[0]
-        nearest_imgs.append(render(true_vector(index_of[identity]), [INSTANCE_PROMPT] * 2, [0, 1]))
+    nearest = [true_vector(index_of[space.nearest(sampled[i], k=1)[0][0]]) for i in range(n)]
+    both = render.many(list(sampled) + nearest, [INSTANCE_PROMPT] * 2, [0, 1])
+    sample_imgs, nearest_imgs = list(both[:n]), list(both[n:])
     s_emb = torch.stack([evaluators.embed(x) for x in sample_imgs])  # (n, 2, E)
     t_emb = torch.stack([evaluators.embed(x) for x in nearest_imgs])
     # Across different noise seeds, so a shared initial noise cannot make two models look alike.
@@ -207,84 +207,75 @@ GRID_STRENGTHS = (-4.0, -2.0, 0.0, 2.0, 4.0)
 def measure_editing(space, evaluators, render, true_vector, attributes: list[str], settings: ReportSettings,
                     report_dir: Path) -> dict:
     """Edit the first `edit_models` training models along each attribute's direction (plain, timestep-gated,
-    and the prompting baseline) -> per-attribute success, ID similarity, target/other change + editing.png."""
+    and the prompting baseline) -> per-attribute success, ID similarity, target/other change + editing.png.
+    Every model is edited towards the value it lacks; the renders of one attribute are batched."""
     from w2w_core.render import grid, tensor_to_pil
 
-    attr_index = {a: evaluators.attribute_names.index(a) for a in attributes}
     edit_stats = {}
     edit_grid_rows, edit_grid_labels = [], []
     unedited: dict[int, torch.Tensor] = {}  # model -> its render (seed 0), the same for every attribute
     for attr in attributes:
-        j = attr_index[attr]
+        j = evaluators.attribute_names.index(attr)
         edit_models = editable_models(space, attr, settings.edit_models)
         if not edit_models:
             edit_stats[attr] = {"skipped": "no training model can take this edit in SynthFaces"}
             continue
-        edited_renders: dict[tuple[int, float], torch.Tensor] = {}
-
-        def render_edit(i: int, vec: torch.Tensor, strength: float) -> torch.Tensor:
-            """Model i (`vec`) edited by `strength` sd along `attr`, rendered once: the measurements and the grid share it."""
-            cache, key = (unedited, i) if strength == 0 else (edited_renders, (i, strength))
-            if key not in cache:
-                cache[key] = render(space.edit(vec, {attr: strength}) if strength else vec, [INSTANCE_PROMPT], [0])
-            return cache[key]
-
-        w2w_success, w2w_idsim, w2w_target, w2w_other = [], [], [], []
+        n = len(edit_models)
+        vecs = [true_vector(i) for i in edit_models]
+        signs = torch.tensor([1.0 if int(space.labels[attr][i]) == 0 else -1.0 for i in edit_models])
+        missing = [i for i in edit_models if i not in unedited]
+        if missing:
+            unedited.update(zip(missing, render.many([true_vector(i) for i in missing], [INSTANCE_PROMPT], [0])[:, 0]))
+        before = torch.stack([unedited[i] for i in edit_models])
         sweep_strengths = settings.edit_sweep if attr in EDIT_TARGET_ATTRIBUTES else ()
-        sweep_success = {s: [] for s in sweep_strengths}
-        sweep_idsim = {s: [] for s in sweep_strengths}
-        gated_success, gated_idsim = [], []
-        prompt_success, prompt_idsim = [], []
-        for i in edit_models:
-            vec = true_vector(i)
-            label = int(space.labels[attr][i])
-            direction = 1.0 if label == 0 else -1.0
-            edited = space.edit(vec, {attr: direction * settings.edit_strength})
-            before = render_edit(i, vec, 0.0)
-            after = render_edit(i, vec, direction * settings.edit_strength)
-            pb, pa = evaluators.attributes(before)[0], evaluators.attributes(after)[0]
-            eb, ea = evaluators.embed(before), evaluators.embed(after)
+        strengths = list(dict.fromkeys([settings.edit_strength, *sweep_strengths]))
+        edited_vecs = {s: [space.edit(v, {attr: float(d) * s}) for v, d in zip(vecs, signs)] for s in strengths}
+        renders = render.many([v for s in strengths for v in edited_vecs[s]], [INSTANCE_PROMPT], [0])[:, 0]
+        after = {s: renders[k * n:(k + 1) * n] for k, s in enumerate(strengths)}
 
-            def reached(p: torch.Tensor) -> float:  # the classifier ends on the intended side
-                return float(p[j] > 0.5 if direction > 0 else p[j] < 0.5)
+        pb, eb = evaluators.attributes(before), evaluators.embed(before)
 
-            w2w_success.append(reached(pa))
-            w2w_idsim.append(_cos(eb, ea).item())
-            w2w_target.append(((pa[j] - pb[j]) * direction).item())
-            others = [k for k in range(len(pb)) if k != j]
-            w2w_other.append((pa[others] - pb[others]).abs().mean().item())
-            for s in sweep_strengths:
-                stronger = render_edit(i, vec, direction * s)
-                sweep_success[s].append(reached(evaluators.attributes(stronger)[0]))
-                sweep_idsim[s].append(_cos(eb, evaluators.embed(stronger)).item())
-            if settings.gated_edit_start > 0:
-                gated = render.gated(vec, edited, settings.gated_edit_start, [INSTANCE_PROMPT], [0])
-                pg = evaluators.attributes(gated)[0]
-                gated_success.append(reached(pg))
-                gated_idsim.append(_cos(eb, evaluators.embed(gated)).item())
-            if direction > 0:  # the prompting baseline can only add an attribute
-                prompted = render(vec, [f"{INSTANCE_PROMPT}, {_attr_word(attr)}"], [0])
-                pp = evaluators.attributes(prompted)[0]
-                prompt_success.append(float(pp[j] > 0.5))
-                prompt_idsim.append(_cos(eb, evaluators.embed(prompted)).item())
-            if i == edit_models[0]:
-                edit_grid_rows.append([tensor_to_pil(render_edit(i, vec, s)[0]) for s in GRID_STRENGTHS])
-                edit_grid_labels.append(attr)
-        edit_stats[attr] = {
+        def reached(images: torch.Tensor) -> torch.Tensor:  # per model: the classifier ends on the intended side
+            p = evaluators.attributes(images)[:, j]
+            return torch.where(signs > 0, p > 0.5, p < 0.5).float()
+
+        def id_similarity(images: torch.Tensor) -> torch.Tensor:
+            return _cos(eb, evaluators.embed(images))
+
+        main = after[settings.edit_strength]
+        pa = evaluators.attributes(main)
+        others = [k for k in range(pa.shape[1]) if k != j]
+        stats = {
             "edited_models": list(edit_models),
-            "w2w_success": float(np.mean(w2w_success)),
-            "w2w_id_similarity": float(np.mean(w2w_idsim)),
-            "w2w_target_change": float(np.mean(w2w_target)),
-            "w2w_other_attribute_change": float(np.mean(w2w_other)),
-            "prompt_success": float(np.mean(prompt_success)) if prompt_success else None,
-            "prompt_id_similarity": float(np.mean(prompt_idsim)) if prompt_idsim else None,
-            "prompt_cases": len(prompt_success),
-            "gated_success": float(np.mean(gated_success)) if gated_success else None,
-            "gated_id_similarity": float(np.mean(gated_idsim)) if gated_idsim else None,
-            "sweep": {f"{s:g}": {"success": float(np.mean(sweep_success[s])), "id_similarity": float(np.mean(sweep_idsim[s]))}
+            "w2w_success": reached(main).mean().item(),
+            "w2w_id_similarity": id_similarity(main).mean().item(),
+            "w2w_target_change": ((pa[:, j] - pb[:, j]) * signs).mean().item(),
+            "w2w_other_attribute_change": (pa[:, others] - pb[:, others]).abs().mean(1).mean().item(),
+            "prompt_success": None, "prompt_id_similarity": None, "prompt_cases": 0,
+            "gated_success": None, "gated_id_similarity": None,
+            "sweep": {f"{s:g}": {"success": reached(after[s]).mean().item(), "id_similarity": id_similarity(after[s]).mean().item()}
                       for s in sweep_strengths},
-            **perfect_edit(evaluators, attr, settings),
         }
+        if settings.gated_edit_start > 0:
+            gated = render.many(vecs, [INSTANCE_PROMPT], [0], edited=edited_vecs[settings.edit_strength],
+                                edit_start=settings.gated_edit_start)[:, 0]
+            stats["gated_success"], stats["gated_id_similarity"] = reached(gated).mean().item(), id_similarity(gated).mean().item()
+        adding = (signs > 0).nonzero().flatten().tolist()  # the prompting baseline can only add an attribute
+        if adding:
+            prompted = render.many([vecs[k] for k in adding], [[f"{INSTANCE_PROMPT}, {_attr_word(attr)}"]] * len(adding), [0])[:, 0]
+            p = evaluators.attributes(prompted)[:, j]
+            stats["prompt_success"] = (p > 0.5).float().mean().item()
+            stats["prompt_id_similarity"] = _cos(eb[adding], evaluators.embed(prompted)).mean().item()
+            stats["prompt_cases"] = len(adding)
+        edit_stats[attr] = {**stats, **perfect_edit(evaluators, attr, settings)}
+
+        # editing.png: the first model at GRID_STRENGTHS (signed), reusing the renders above
+        made = {0.0: before[0], **{float(signs[0]) * s: after[s][0] for s in strengths}}
+        extra = [g for g in GRID_STRENGTHS if g not in made]
+        if extra:
+            made.update(zip(extra, render.many([space.edit(vecs[0], {attr: g}) for g in extra], [INSTANCE_PROMPT], [0])[:, 0]))
+        edit_grid_rows.append([tensor_to_pil(made[g]) for g in GRID_STRENGTHS])
+        edit_grid_labels.append(attr)
     grid(edit_grid_rows, row_labels=edit_grid_labels, col_labels=[f"{s:+g} sd" if s else "0" for s in GRID_STRENGTHS]).save(report_dir / "editing.png")
     return edit_stats
 
@@ -355,24 +346,27 @@ def measure_inversion(space, store, base, evaluators, settings: ReportSettings, 
         single, lora_seconds = lora_fits[h] if lora_fits is not None else single_image_loras(base, space.layout, store, settings, [h])[0]
         fits.append((images, result, single, lora_seconds))
     render = Renderer(base, space.layout, settings.render_steps)
+    zero = torch.zeros(space.layout.numel)
+    all_renders = render.many([result.vector for _, result, _, _ in fits]
+                              + [single.vector if single.vector is not None else zero for _, _, single, _ in fits],
+                              [INSTANCE_PROMPT] * 3, [0, 1, 2])
     inv_rows, inv_stats = [], {"w2w": [], "lora": [], "w2w_seconds": [], "lora_seconds": [], "same_identity_real": [], "other_identity_real": []}
     for h, (images, result, single, lora_seconds) in enumerate(fits):
         other = to_tensor(render_identity(settings.heldout_seed + 1, h, 1))
         target = evaluators.embed(images[1:])  # the other images of this identity
-        renders = render(result.vector, [INSTANCE_PROMPT] * 3, [0, 1, 2])
+        renders = all_renders[h]
         inv_stats["w2w"].append(_cos(evaluators.embed(renders)[:, None], target[None]).mean().item())
         inv_stats["w2w_seconds"].append(result.seconds)
         inv_stats["lora_seconds"].append(lora_seconds)
-        lora_renders = render(single.vector, [INSTANCE_PROMPT] * 3, [0, 1, 2]) if single.vector is not None else renders * 0
+        lora_renders = all_renders[len(fits) + h] if single.vector is not None else renders * 0
         inv_stats["lora"].append(_cos(evaluators.embed(lora_renders)[:, None], target[None]).mean().item())
         inv_stats["same_identity_real"].append(_cos(evaluators.embed(images[:1]), target).mean().item())
         inv_stats["other_identity_real"].append(_cos(evaluators.embed(other), target).mean().item())
         inv_rows.append([tensor_to_pil(images[0])] + [tensor_to_pil(x) for x in renders] + [tensor_to_pil(x) for x in lora_renders])
     numbers = {k: float(np.mean(v)) for k, v in inv_stats.items()}
+    numbers["per_identity"] = {"w2w": inv_stats["w2w"], "lora": inv_stats["lora"]}
     grid(inv_rows, row_labels=[f"held-out {h}" for h in range(len(inv_rows))],
          col_labels=["input", "w2w s0", "w2w s1", "w2w s2", "LoRA s0", "LoRA s1", "LoRA s2"]).save(report_dir / "inversion.png")
-
-    render.close()
     return numbers
 
 
@@ -418,7 +412,7 @@ def measure_fidelity(store, space, evaluators, render, true_vector, settings: Re
         return {"skipped": f"the build's identity source is not readable here: {err}"}
     names = [a for a in evaluators.attribute_names if a in space.labels]
     labels = torch.stack([space.labels[a][:n] for a in names], dim=1) if names else None
-    out = identity_fidelity(render, evaluators, [true_vector(i) for i in range(n)], images, labels, names,
+    out = identity_fidelity(render.many, evaluators, [true_vector(i) for i in range(n)], images, labels, names,
                             prompt=INSTANCE_PROMPT, keep_renders=True)
     renders, base_renders = out.pop("_renders"), out.pop("_base_renders")
     rows = [[tensor_to_pil(images[i][0]), tensor_to_pil(images[i][1])] + [tensor_to_pil(x) for x in renders[i]]
@@ -469,8 +463,7 @@ def heldout_attribute_accuracy(space, attributes: list[str], folds: int = 4, rep
 def lora_effect(render, space, vectors: list[torch.Tensor]) -> dict[str, float]:
     """How much the LoRAs change renders: mean |pixel difference| (images in [-1, 1]) of a model vs
     the bare base model, and between two models, at the same noise seed."""
-    zero = render(torch.zeros(space.layout.numel), [INSTANCE_PROMPT], [0])
-    imgs = [render(v, [INSTANCE_PROMPT], [0]) for v in vectors]
+    zero, *imgs = render.many([torch.zeros(space.layout.numel)] + list(vectors), [INSTANCE_PROMPT], [0])
     vs_base = float(np.mean([(im - zero).abs().mean().item() for im in imgs]))
     between = float(np.mean([(imgs[i] - imgs[i + 1]).abs().mean().item() for i in range(len(imgs) - 1)])) if len(imgs) > 1 else float("nan")
     return {"model_vs_base": vs_base, "model_vs_model": between}
@@ -561,7 +554,7 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         "", "![editing](editing.png)", "",
         "## Inversion", "",
         f"Held-out identities: {numbers['settings']['invert_identities']} (never in the build), one image each. ID similarity "
-        "of renders to the identity's other images. Single identities differ by 0.1-0.3, so a mean over a few is rough "
+        f"of renders to the identity's other images. {_spread_words(inv)}, so a mean over a few is rough "
         "(`w2w report --invert-identities` sets how many).", "",
         "| method | ID similarity | seconds per identity |", "|---|---|---|",
         f"| w2w inversion | {inv['w2w']:.3f} | {inv['w2w_seconds']:.1f} |",
@@ -587,6 +580,16 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         "![pc scatter](pc_scatter.png)", "",
     ]
     return lines
+
+
+def _spread_words(inv: dict) -> str:
+    """How far single held-out identities lie apart (report.json's per-identity values)."""
+    per = inv.get("per_identity") or {}
+    if not per.get("w2w"):
+        return "Single identities differ"
+    w, lo = per["w2w"], per.get("lora") or []
+    words = f"Single identities range from {min(w):.2f} to {max(w):.2f}"
+    return words + (f" (the LoRA: {min(lo):.2f} to {max(lo):.2f})" if lo else "")
 
 
 def _fidelity_markdown(f: dict) -> list[str]:

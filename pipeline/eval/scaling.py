@@ -177,7 +177,6 @@ def run_scaling(
             log(f"scaling: N={n}: {name}")
             record[name] = measure()
             seconds[name] = time.perf_counter() - t1
-        render.close()  # inversion fits on the bare base model
         t1 = time.perf_counter()
         log(f"scaling: N={n}: inversion")
         record["inversion"] = measure_inversion(space, store, base, evaluators, settings, report_dir, lora_fits=lora_fits)

@@ -15,14 +15,13 @@ from typing import Sequence
 
 import torch
 
-from pipeline.train.batched import BatchedOptions, MultiLoraLinear, train_batched
+from pipeline.train.batched import BatchedOptions, train_batched
 from pipeline.train.common import (
     IdentityInput,
     PreparedIdentity,
     Progress,
     TrainContext,
     TrainResult,
-    check_layout_modules,
     generate_class_latents,
     identity_generator,
     load_class_latents,
@@ -32,6 +31,7 @@ from pipeline.train.common import (
 )
 from pipeline.train.reference import train_reference
 from w2w_core.layout import LayoutMismatchError, LoraLayout
+from w2w_core.multi_lora import MultiLoraLinear, check_layout_modules
 
 TRAINERS = ("batched", "reference")
 

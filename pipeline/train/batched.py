@@ -1,10 +1,9 @@
 """Multi-LoRA batched trainer: K identities in ONE forward/backward of the frozen base.
 
-Each adapted linear (the layout's modules) is temporarily replaced by `MultiLoraLinear`,
-holding stacked A (K, r, in) and B (K, out, r); each adapted convolution by `MultiLoraConv2d`
-(peft's conv LoRA, K identities as one grouped convolution). The batch is identity-major with m samples
-per identity, so the LoRA branch is two batched matmuls over (K, m*seq, in): no Python loop
-over identities in the hot path. AdamW is elementwise, so the stacked parameters with the
+Each adapted module (the layout's) is temporarily replaced by w2w_core.multi_lora's
+`MultiLoraLinear` / `MultiLoraConv2d`, holding stacked A and B of the K identities. The batch is
+identity-major with m samples per identity, so the LoRA branch is two batched matmuls (or grouped
+convolutions): no Python loop over identities in the hot path. AdamW is elementwise, so the stacked parameters with the
 summed per-identity losses are K independent trainings; gradient clipping is per identity and
 reproduces torch.nn.utils.clip_grad_norm_ exactly. A non-finite loss quarantines only its own
 identity (excluded from the loss, its gradients zeroed from then on).
@@ -20,7 +19,6 @@ from pipeline.train.common import (
     PreparedIdentity,
     TrainContext,
     TrainResult,
-    check_layout_modules,
     identity_generator,
     identity_losses,
     init_lora_A,
@@ -29,6 +27,7 @@ from pipeline.train.common import (
 )
 from pipeline.train.reference import autocast_context
 from w2w_core.layout import LoraLayout
+from w2w_core.multi_lora import check_layout_modules, multi_lora, swap_module
 
 
 @dataclass
@@ -39,66 +38,6 @@ class BatchedOptions:
     compile: bool = False
     fused_adam: bool = False  # CUDA only
     sync_every: int = 1  # read losses back to the host (NaN check) every N steps; 0 = only at the end
-
-
-class MultiLoraLinear(torch.nn.Module):
-    """y = base(x) + scaling * B_k A_k x for the samples of identity k (identity-major batch)."""
-
-    def __init__(self, base_layer: torch.nn.Linear, A: torch.nn.Parameter, B: torch.nn.Parameter, scaling: float):
-        super().__init__()
-        self.base_layer = base_layer
-        self.A = A  # (K, r, in)
-        self.B = B  # (K, out, r)
-        self.scaling = float(scaling)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        K = self.A.shape[0]
-        xs = x.reshape(K, -1, x.shape[-1]).to(self.A.dtype if not torch.is_autocast_enabled() else x.dtype)
-        h = torch.bmm(xs, self.A.transpose(1, 2))  # (K, m*seq, r)
-        delta = torch.bmm(h, self.B.transpose(1, 2))  # (K, m*seq, out)
-        return result + (delta * self.scaling).reshape(result.shape).to(result.dtype)
-
-
-class MultiLoraConv2d(torch.nn.Module):
-    """peft's conv LoRA for K identities at once: y = base(x) + scaling * B_k(A_k(x)).
-
-    A_k is a conv with the base's kernel, stride and padding (rank output channels), B_k a
-    1x1 conv, as in peft's `lora.Conv2d`. The identity-major batch (K*m, C, H, W) is folded
-    into channels (m, K*C, H, W) so both run as ONE grouped convolution with K groups.
-    """
-
-    def __init__(self, base_layer: torch.nn.Conv2d, A: torch.nn.Parameter, B: torch.nn.Parameter, scaling: float):
-        super().__init__()
-        self.base_layer = base_layer
-        self.A = A  # (K, r, in, kh, kw)
-        self.B = B  # (K, out, r, 1, 1)
-        self.scaling = float(scaling)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        K, r, c = self.A.shape[:3]
-        out = self.B.shape[1]
-        xs = x.to(self.A.dtype if not torch.is_autocast_enabled() else x.dtype)
-        m = xs.shape[0] // K
-        xs = xs.reshape(K, m, c, *xs.shape[2:]).transpose(0, 1).reshape(m, K * c, *xs.shape[2:])
-        conv = self.base_layer
-        h = torch.nn.functional.conv2d(xs, self.A.reshape(K * r, c, *self.A.shape[3:]), None, conv.stride, conv.padding, 1, K)
-        d = torch.nn.functional.conv2d(h, self.B.reshape(K * out, r, 1, 1), None, 1, 0, 1, K)  # (m, K*out, H', W')
-        d = d.reshape(m, K, out, *d.shape[2:]).transpose(0, 1).reshape(result.shape)
-        return result + (d * self.scaling).to(result.dtype)
-
-
-def _multi_lora(base_layer: torch.nn.Module, A, B, scaling: float) -> torch.nn.Module:
-    if isinstance(base_layer, torch.nn.Conv2d):
-        return MultiLoraConv2d(base_layer, A, B, scaling)
-    return MultiLoraLinear(base_layer, A, B, scaling)
-
-
-def _swap(unet, name: str, module: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = unet.get_submodule(parent_name) if parent_name else unet
-    setattr(parent, child, module)
 
 
 def per_identity_clip_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -150,7 +89,7 @@ def _train_group(base, unet, layout, linears, train_cfg, group, ctx, options) ->
         params += [A, B] if A.requires_grad else [B]
 
     for m in layout.modules:
-        _swap(unet, m, _multi_lora(linears[m], A_params[m], B_params[m], layout.scaling))
+        swap_module(unet, m, multi_lora(linears[m], A_params[m], B_params[m], layout.scaling))
     try:
         optimizer = torch.optim.AdamW(
             params,
@@ -233,6 +172,6 @@ def _train_group(base, unet, layout, linears, train_cfg, group, ctx, options) ->
         return out
     finally:
         for m in layout.modules:
-            _swap(unet, m, linears[m])
+            swap_module(unet, m, linears[m])
         if options.channels_last:
             unet.to(memory_format=torch.contiguous_format)

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from w2w_core.layout import LayoutMismatchError, LoraLayout
+from w2w_core.layout import LoraLayout
 
 CLASS_LATENTS_KEY = "class_latents"
 Progress = Callable[[int, int], None]  # (identities finished, identities total)
@@ -167,19 +167,6 @@ def init_lora_A(layout: LoraLayout, gen: torch.Generator, train_cfg=None) -> dic
     return out
 
 
-def module_shapes(layout: LoraLayout) -> dict[str, tuple[int, int]]:
-    """module -> (in_features, out_features) read from the layout's A/B shapes."""
-    shapes: dict[str, list[int]] = {}
-    for key, shape in layout.entries:
-        module = key.split(".lora_")[0]
-        entry = shapes.setdefault(module, [0, 0])
-        if ".lora_A." in key:
-            entry[0] = shape[1]
-        elif ".lora_B." in key:
-            entry[1] = shape[0]
-    return {m: (i, o) for m, (i, o) in shapes.items()}
-
-
 class IdentitySampler:
     """Draws one identity's training samples for each step from its own generator.
 
@@ -259,54 +246,6 @@ def identity_losses(pred: torch.Tensor, target: torch.Tensor, num_identities: in
     if with_prior:
         loss = loss + prior_loss_weight * sq[:, batch_size:].mean(dim=dims)
     return loss
-
-
-def check_layout_modules(layout: LoraLayout, unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The UNet's linears and 2-d convolutions named by the layout, shapes checked; LayoutMismatchError if not.
-
-    A convolution's LoRA is peft's: A is a conv with the base's kernel, stride and padding
-    (rank output channels), B a 1x1 conv; only dilation 1 and groups 1 are supported, as in
-    every SD1.5 UNet convolution."""
-    named = dict(unet.named_modules())
-    shapes = module_shapes(layout)
-    missing = [m for m in layout.modules if m not in named]
-    if missing:
-        raise LayoutMismatchError(
-            f"the LoRA layout does not match this UNet: {len(missing)} of {len(layout.modules)} adapted modules "
-            f"are missing (e.g. {missing[:3]}). Was the layout built for a different base model?"
-        )
-    out = {}
-    for m in layout.modules:
-        mod = named[m]
-        base_layer = getattr(mod, "base_layer", mod)
-        a_shape = tuple(layout.shapes[f"{m}.lora_A.weight"])
-        if isinstance(base_layer, torch.nn.Linear):
-            have, kernel_ok = (base_layer.in_features, base_layer.out_features), len(a_shape) == 2
-        elif isinstance(base_layer, torch.nn.Conv2d):
-            if base_layer.groups != 1 or tuple(base_layer.dilation) != (1, 1):
-                raise LayoutMismatchError(
-                    f"layout module '{m}' is a Conv2d with groups={base_layer.groups}, dilation={base_layer.dilation}; "
-                    "LoRA on convolutions supports groups 1 and dilation 1 only"
-                )
-            have = (base_layer.in_channels, base_layer.out_channels)
-            kernel_ok = a_shape[2:] == tuple(base_layer.kernel_size)
-        else:
-            raise LayoutMismatchError(f"layout module '{m}' is a {type(base_layer).__name__}, not a Linear or Conv2d")
-        if have != shapes[m] or not kernel_ok:
-            raise LayoutMismatchError(
-                f"layout module '{m}' expects (in, out)={shapes[m]} and lora_A {a_shape}, the UNet's "
-                f"{type(base_layer).__name__} has {have}; the layout belongs to a different base model"
-            )
-        out[m] = mod
-    adapted_here = {n for n, mod in named.items()
-                    if n.split(".")[-1] in layout.targets and isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))}
-    extra = sorted(adapted_here - set(layout.modules))
-    if extra:
-        raise LayoutMismatchError(
-            f"the UNet has {len(extra)} target linears the layout does not cover (e.g. {extra[:3]}); "
-            "the layout belongs to a different base model"
-        )
-    return out
 
 
 def is_finite(x: float) -> bool:

@@ -15,7 +15,6 @@ from pipeline.train.common import (
     PreparedIdentity,
     TrainContext,
     TrainResult,
-    check_layout_modules,
     identity_generator,
     identity_losses,
     init_lora_A,
@@ -24,6 +23,7 @@ from pipeline.train.common import (
     step_inputs,
 )
 from w2w_core.layout import LoraLayout
+from w2w_core.multi_lora import check_layout_modules
 
 ADAPTER = "default"
 
