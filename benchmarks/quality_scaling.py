@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         ap.error("OUT and --ns are required (unless --from-json)")
     import torch
 
-    from pipeline.eval.report import ReportSettings
+    from pipeline.eval.settings import ReportSettings
     from pipeline.eval.scaling import run_scaling, write_outputs
 
     if args.threads:

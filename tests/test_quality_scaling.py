@@ -14,7 +14,7 @@ METRICS = ("inversion_w2w", "inversion_lora", "inversion_vs_lora", "edit_success
 
 
 def test_nested_subsets_measured_and_fitted_on_the_subset(tmp_path):
-    from pipeline.eval.report import ReportSettings
+    from pipeline.eval.settings import ReportSettings
     from pipeline.eval.scaling import nested_rows, run_scaling, write_outputs
     from pipeline.subspace.pca import guard_std
 

@@ -5,23 +5,31 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.eval.settings import ReportSettings
+
+    d = ReportSettings()  # the defaults live there, once
     parser.add_argument("out", help="build output folder with a subspace and directions")
-    parser.add_argument("--sample-models", type=int, default=16,
-                        help="sampled models to evaluate (default 16: with 8, one sample moves the novel fraction by "
-                             "0.125, more than the target's 0.10 margin)")
-    parser.add_argument("--edit-models", type=int, default=8, help="training models to edit per attribute (default 8)")
-    parser.add_argument("--invert-identities", type=int, default=4, help="held-out identities to invert (default 4)")
-    parser.add_argument("--invert-steps", type=int, default=200, help="inversion steps, also the LoRA baseline's (default 200)")
-    parser.add_argument("--fidelity-models", type=int, default=16,
-                        help="training models whose renders are compared with their identity's images (default 16)")
-    parser.add_argument("--invert-lr", type=float, default=1.0,
-                        help="Adam lr of the inversion over PC coefficients (default 1.0; see ReportSettings.invert_lr)")
-    parser.add_argument("--edit-strength", type=float, default=2.0,
-                        help="edit strength in calibrated standard deviations of each direction (default 2)")
-    parser.add_argument("--edit-sweep", default="4,6",
+    parser.add_argument("--sample-models", type=int, default=d.sample_models,
+                        help=f"sampled models to evaluate (default {d.sample_models}: with 8, one sample moves the novel "
+                             "fraction by 0.125, more than the target's 0.10 margin)")
+    parser.add_argument("--edit-models", type=int, default=d.edit_models,
+                        help=f"training models to edit per attribute (default {d.edit_models})")
+    parser.add_argument("--invert-identities", type=int, default=d.invert_identities,
+                        help=f"held-out identities to invert (default {d.invert_identities})")
+    parser.add_argument("--invert-steps", type=int, default=d.invert_steps,
+                        help=f"inversion steps, also the LoRA baseline's (default {d.invert_steps})")
+    parser.add_argument("--fidelity-models", type=int, default=d.fidelity_models,
+                        help=f"training models whose renders are compared with their identity's images (default {d.fidelity_models})")
+    parser.add_argument("--invert-lr", type=float, default=d.invert_lr,
+                        help=f"Adam lr of the inversion over PC coefficients (default {d.invert_lr:g}; see ReportSettings.invert_lr)")
+    parser.add_argument("--edit-strength", type=float, default=d.edit_strength,
+                        help=f"edit strength in calibrated standard deviations of each direction (default {d.edit_strength:g})")
+    sweep = ",".join(f"{s:g}" for s in d.edit_sweep)
+    parser.add_argument("--edit-sweep", default=sweep,
                         help="further strengths measured for male, beard, eyeglasses and young, comma-separated "
-                             "('' = none; default 4,6)")
-    parser.add_argument("--render-steps", type=int, default=25, help="DDIM steps per rendered image (default 25)")
+                             f"('' = none; default {sweep})")
+    parser.add_argument("--render-steps", type=int, default=d.render_steps,
+                        help=f"DDIM steps per rendered image (default {d.render_steps})")
     parser.add_argument("--attribute", action="append", default=None, help="attributes to evaluate (default: all)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT/report/ (default: refuse)")
 
@@ -30,7 +38,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from jobs.commands._common import refuse_existing
-    from pipeline.eval.report import ReportSettings, write_report
+    from pipeline.eval.report import write_report
+    from pipeline.eval.settings import ReportSettings
 
     edit_sweep = _strengths(args.edit_sweep)  # bad input fails before anything is touched
     refuse_existing(Path(args.out) / "report" / "report.md", args.force, after=" (or move the old report/ away first)")

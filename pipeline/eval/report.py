@@ -8,40 +8,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.eval.settings import ReportSettings
+
 INSTANCE_PROMPT = "sks person"
 # Prompt words that ask for an attribute (the "prompting" baseline of the paper).
 ATTRIBUTE_WORDS = {"male": "male", "young": "young", "pale_skin": "pale_skin"}
-
-
-@dataclass
-class ReportSettings:
-    # 16, not 8: one sample moves the novel fraction by 1/n (8 made the ">= 0.90 novel" target "all novel"),
-    # and the samples' attribute confidence varied by about ±0.02 between 8-sample draws (docs/RESULTS.md).
-    sample_models: int = 16
-    edit_models: int = 8
-    edit_strength: float = 2.0  # in units of the calibrated sigma of each direction
-    # Further strengths measured for the target attributes (EDIT_TARGET_ATTRIBUTES): the success / ID
-    # trade-off, next to what a perfect edit scores in this world.
-    edit_sweep: tuple[float, ...] = (4.0, 6.0)
-    invert_identities: int = 4
-    invert_steps: int = 200
-    # Adam moves each coefficient by about lr per step; a space's coefficient spread (coef_std) sets how far
-    # a fit must go. The tiny space's coefficients spread 20-40 per PC, so 200 steps at the published 0.1
-    # reach under one sd (measured: coefficient norm 47 vs ~200 for training models); 1.0 (the published
-    # "out" preset's lr) reaches their scale.
-    invert_lr: float = 1.0
-    gated_edit_start: float = 0.4  # timestep-gated edits measured next to plain ones (0 = skip)
-    fidelity_models: int = 16  # training models whose renders are compared with their own identity's images
-    render_steps: int = 25
-    heldout_seed: int = 5000  # SynthFaces seed of identities never seen by the build
-    seed: int = 0
-    attributes: list[str] = field(default_factory=list)  # empty = every attribute of the space
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -339,11 +315,13 @@ def measure_inversion(space, store, base, evaluators, settings: ReportSettings, 
     from pipeline.data.synthfaces import render_identity, to_tensor
     from w2w_core.render import grid, tensor_to_pil
 
+    if lora_fits is None:
+        lora_fits = single_image_loras(base, space.layout, store, settings, range(settings.invert_identities))
     fits = []
     for h in range(settings.invert_identities):
         images = heldout_images(settings, h)
         result = space.invert(images[0], steps=settings.invert_steps, lr=settings.invert_lr, seed=settings.seed, base=base)
-        single, lora_seconds = lora_fits[h] if lora_fits is not None else single_image_loras(base, space.layout, store, settings, [h])[0]
+        single, lora_seconds = lora_fits[h]
         fits.append((images, result, single, lora_seconds))
     render = Renderer(base, space.layout, settings.render_steps)
     zero = torch.zeros(space.layout.numel)
@@ -379,20 +357,19 @@ def heldout_images(settings: ReportSettings, h: int) -> torch.Tensor:
 
 def single_image_loras(base, layout, store, settings: ReportSettings, identities) -> list:
     """The inversion baseline: a LoRA trained on image 0 of each held-out identity in `identities` with the
-    build's recipe and the inversion's step budget -> [(fit, seconds)]."""
+    build's recipe and the inversion's step budget, all in one batched training (as the build trains them)
+    -> [(fit, seconds per identity)]."""
     from pipeline.config import from_dict
     from pipeline.train import IdentityInput, load_class_latents, train_identities
 
     train_cfg = _with_steps(from_dict(store.attrs["config"]).train, settings.invert_steps)
     class_latents = load_class_latents(store.class_latents_path) if train_cfg.prior_loss_weight > 0 else None
-    out = []
-    for h in identities:
-        images = heldout_images(settings, h)
-        t0 = time.perf_counter()
-        single = train_identities(base, layout, train_cfg, [IdentityInput(f"heldout{h}", images[:1], seed=h)],
-                                  trainer="batched", class_latents=class_latents)[0]
-        out.append((single, time.perf_counter() - t0))
-    return out
+    inputs = [IdentityInput(f"heldout{h}", heldout_images(settings, h)[:1], seed=h) for h in identities]
+    t0 = time.perf_counter()
+    fits = train_identities(base, layout, train_cfg, inputs, trainer="batched",
+                            class_latents=class_latents) if inputs else []
+    seconds = (time.perf_counter() - t0) / max(1, len(inputs))
+    return [(fit, seconds) for fit in fits]
 
 
 def measure_fidelity(store, space, evaluators, render, true_vector, settings: ReportSettings, report_dir: Path) -> dict:
@@ -558,7 +535,7 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         "(`w2w report --invert-identities` sets how many).", "",
         "| method | ID similarity | seconds per identity |", "|---|---|---|",
         f"| w2w inversion | {inv['w2w']:.3f} | {inv['w2w_seconds']:.1f} |",
-        f"| single-image LoRA, same step budget | {inv['lora']:.3f} | {inv['lora_seconds']:.1f} |",
+        f"| single-image LoRA, same step budget (all {numbers['settings']['invert_identities']} trained in one batch) | {inv['lora']:.3f} | {inv['lora_seconds']:.1f} |",
         f"| ceiling: a real image of the same identity | {inv['same_identity_real']:.3f} | |",
         f"| floor: a real image of another identity | {inv['other_identity_real']:.3f} | |",
         "", "![inversion](inversion.png)", "",

@@ -26,7 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.eval.report import EDIT_TARGET_ATTRIBUTES, TARGETS, ReportSettings
+from pipeline.eval.report import EDIT_TARGET_ATTRIBUTES, TARGETS
+from pipeline.eval.settings import ReportSettings
 
 # Entries of a build folder that belong to one subspace/report, not to the store: not linked into a subset's folder.
 PER_SPACE = ("subspace", "report", "grids")

@@ -1,0 +1,31 @@
+"""The quality report's settings: a light module, so the CLI can show their defaults without loading torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ReportSettings:
+    # 16, not 8: one sample moves the novel fraction by 1/n (8 made the ">= 0.90 novel" target "all novel"),
+    # and the samples' attribute confidence varied by about ±0.02 between 8-sample draws (docs/RESULTS.md).
+    sample_models: int = 16
+    edit_models: int = 8
+    edit_strength: float = 2.0  # in units of the calibrated sigma of each direction
+    # Further strengths measured for the target attributes (EDIT_TARGET_ATTRIBUTES): the success / ID
+    # trade-off, next to what a perfect edit scores in this world.
+    edit_sweep: tuple[float, ...] = (4.0, 6.0)
+    # 8, not 4: single held-out identities lie 0.1-0.3 apart in ID similarity, and on the demo space 4 and 8
+    # identities put the single-image LoRA at 0.375 and 0.432 (docs/RESULTS.md).
+    invert_identities: int = 8
+    invert_steps: int = 200
+    # Adam moves each coefficient by about lr per step; a space's coefficient spread (coef_std) sets how far
+    # a fit must go. The tiny space's coefficients spread 20-40 per PC, so 200 steps at the published 0.1
+    # reach under one sd (measured: coefficient norm 47 vs ~200 for training models); 1.0 (the published
+    # "out" preset's lr) reaches their scale.
+    invert_lr: float = 1.0
+    gated_edit_start: float = 0.4  # timestep-gated edits measured next to plain ones (0 = skip)
+    fidelity_models: int = 16  # training models whose renders are compared with their own identity's images
+    render_steps: int = 25
+    heldout_seed: int = 5000  # SynthFaces seed of identities never seen by the build
+    seed: int = 0
+    attributes: list[str] = field(default_factory=list)  # empty = every attribute of the space
