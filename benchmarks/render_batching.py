@@ -48,8 +48,8 @@ def main(argv=None) -> int:
         return torch.stack(out)
 
     def per_call(k: int):
-        return torch.cat([generate_models(base, space.layout, vectors[i:i + k], prompts, seeds, steps=args.render_steps)
-                          for i in range(0, len(vectors), k)])
+        return generate_models(base, space.layout, vectors, prompts, seeds, steps=args.render_steps,
+                               images_per_call=k * len(seeds))
 
     def timed(fn):
         started = time.perf_counter()

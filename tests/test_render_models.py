@@ -42,6 +42,12 @@ def test_many_models_in_one_call_equal_each_alone(setup, guidance):
     assert many.shape == alone.shape == (3, 2, 3, base.resolution, base.resolution)
     torch.testing.assert_close(many, alone, atol=1e-4, rtol=0)
     assert (alone[0] - alone[1]).abs().mean() > 1e-3  # the models do differ, so a mixed-up batch would show
+    # split over calls (2 models x 2 seeds, then 1): the same images, progress after each call
+    calls = []
+    chunked = generate_models(base, layout, list(vectors), prompts, seeds, steps=STEPS, guidance_scale=guidance,
+                              images_per_call=4, progress=lambda done, total: calls.append((done, total)))
+    torch.testing.assert_close(chunked, alone, atol=1e-4, rtol=0)
+    assert calls == [(2, 3), (3, 3)]
     # the UNet is bare again: the multi-LoRA modules are gone
     assert not any("MultiLora" in type(m).__name__ for m in base.unet.modules())
 

@@ -34,14 +34,11 @@ class MultiLoraLinear(torch.nn.Module):
         result = self.base_layer(x)
         K, C = self.A.shape[0], self.copies
         xs = x.to(self.A.dtype if not torch.is_autocast_enabled() else x.dtype)
-        if C == 1:
-            xs = xs.reshape(K, -1, x.shape[-1])
-        else:  # (C*K*m, ...) -> (K, C*m*seq, in)
-            xs = xs.reshape(C, K, -1, x.shape[-1]).transpose(0, 1).reshape(K, -1, x.shape[-1])
+        # (C*K*m, ..., in) -> (K, C*m*seq, in); with C = 1 both reshapes are views
+        xs = xs.reshape(C, K, -1, x.shape[-1]).transpose(0, 1).reshape(K, -1, x.shape[-1])
         h = torch.bmm(xs, self.A.transpose(1, 2))  # (K, rows, r)
         delta = torch.bmm(h, self.B.transpose(1, 2))  # (K, rows, out)
-        if C > 1:
-            delta = delta.reshape(K, C, -1, delta.shape[-1]).transpose(0, 1)
+        delta = delta.reshape(K, C, -1, delta.shape[-1]).transpose(0, 1)
         return result + (delta * self.scaling).reshape(result.shape).to(result.dtype)
 
 

@@ -160,22 +160,40 @@ def generate_gated(base: BaseModel, slot: "LoraSlot", original: torch.Tensor, ed
 
 
 @torch.no_grad()
-def generate_models(base: BaseModel, layout: LoraLayout, vectors: torch.Tensor, prompts: Sequence[str] | Sequence[Sequence[str]],
+def generate_models(base: BaseModel, layout: LoraLayout, vectors, prompts: Sequence[str] | Sequence[Sequence[str]],
                     seeds: Sequence[int], steps: int = 25, guidance_scale: float = DEFAULT_GUIDANCE,
-                    edited: torch.Tensor | None = None, edit_start: float = 0.0) -> torch.Tensor:
-    """Render K models (vectors (K, D)) in ONE pipeline call -> (K, m, 3, H, W) in [-1, 1].
+                    edited=None, edit_start: float = 0.0, images_per_call: int = IMAGES_PER_CALL,
+                    progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Render K models (vectors: (K, D), or K flat vectors) -> (K, m, 3, H, W) in [-1, 1].
 
     Model k renders `prompts` (m prompts, or prompts[k] for model k) at `seeds` (m), with the same
-    noise as `generate` gives one model alone. `edited` (K, D): a timestep-gated edit, `vectors`
-    for the first `edit_start` of the steps and `edited` after (see generate_gated). The UNet must
-    carry no peft adapter (see MultiLoraSlot)."""
-    from w2w_core.multi_lora import MultiLoraSlot
-
-    vectors = torch.as_tensor(vectors, dtype=torch.float32)
+    noise as `generate` gives one model alone. As many models as fit in `images_per_call` images
+    share one pipeline call; `progress(done, K)` runs after each call. `edited` (K vectors): a
+    timestep-gated edit, `vectors` for the first `edit_start` of the steps and `edited` after (see
+    generate_gated). The UNet must carry no peft adapter (see MultiLoraSlot)."""
+    vectors = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vectors])
+    edited = None if edited is None else torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in edited])
     K, m = vectors.shape[0], len(seeds)
     per_model = [list(prompts)] * K if not prompts or isinstance(prompts[0], str) else [list(p) for p in prompts]
     if len(per_model) != K or any(len(p) != m for p in per_model):
         raise ValueError(f"{K} models x {m} seeds need {m} prompts, or {m} prompts per model")
+    if edited is not None and edited.shape != vectors.shape:
+        raise ValueError(f"edited {tuple(edited.shape)} must match vectors {tuple(vectors.shape)}")
+    chunk = max(1, int(images_per_call) // max(1, m))
+    out = []
+    for start in range(0, K, chunk):
+        part = slice(start, start + chunk)
+        out.append(_generate_in_one_call(base, layout, vectors[part], per_model[part], seeds, steps, guidance_scale,
+                                         None if edited is None else edited[part], edit_start))
+        if progress is not None:
+            progress(min(start + chunk, K), K)
+    return torch.cat(out)
+
+
+def _generate_in_one_call(base, layout, vectors, per_model, seeds, steps, guidance_scale, edited, edit_start):
+    from w2w_core.multi_lora import MultiLoraSlot
+
+    K, m = vectors.shape[0], len(seeds)
     # diffusers runs classifier-free guidance as one batch [unconditional; conditional]: two copies.
     copies = 2 if guidance_scale > 1 and base.unet.config.time_cond_proj_dim is None else 1
     with MultiLoraSlot(base, layout, K, copies=copies) as slot:
@@ -183,7 +201,7 @@ def generate_models(base: BaseModel, layout: LoraLayout, vectors: torch.Tensor, 
             slot.set(vectors)
             switch = None
         else:
-            switch = _gate(edit_start, steps, lambda: slot.set(vectors), lambda: slot.set(torch.as_tensor(edited, dtype=torch.float32)))
+            switch = _gate(edit_start, steps, lambda: slot.set(vectors), lambda: slot.set(edited))
         images = generate(base, [p for ps in per_model for p in ps], seed=list(seeds) * K, steps=steps,
                           guidance_scale=guidance_scale, output_type="pt", step_callback=switch)
     return images.reshape(K, m, *images.shape[1:])

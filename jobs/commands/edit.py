@@ -65,8 +65,6 @@ def pick_model(space, args):
 
 def run(args) -> int:
     from jobs.cli import UserError
-    import torch
-
     from w2w_core.render import edit_switch_step, generate_models, grid, tensor_to_pil
     from w2w_core.space import WeightSpace
 
@@ -103,8 +101,8 @@ def run(args) -> int:
         if args.save_loras:
             for v, name in zip(vectors, names):
                 space.save_lora(v, f"{args.save_loras}/{name}", format=args.lora_format)
-        images = generate_models(base, space.layout, torch.stack([vec] * len(vectors)), [prompt], [args.seed],
-                                 steps=args.render_steps, guidance_scale=args.guidance, edited=torch.stack(vectors),
+        images = generate_models(base, space.layout, [vec] * len(vectors), [prompt], [args.seed],
+                                 steps=args.render_steps, guidance_scale=args.guidance, edited=vectors,
                                  edit_start=args.edit_start)
         return [tensor_to_pil(x[0]) for x in images]
 

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from jobs.cli import UserError
-    from w2w_core.render import IMAGES_PER_CALL, generate_models, grid, tensor_to_pil
+    from w2w_core.render import generate_models, grid, tensor_to_pil
     from w2w_core.space import WeightSpace
 
     if args.n < 1:
@@ -32,13 +32,10 @@ def run(args) -> int:
         refuse_existing(f"{args.save_loras}/sample_{i}", args.force, "pass another --save-loras DIR")
     base = space.base_model()
     prompts = prompts_of(args)
-    rows = []
-    per_call = max(1, IMAGES_PER_CALL // len(prompts))  # models per pipeline call: a batch renders faster per image
-    for start in range(0, args.n, per_call):
-        images = generate_models(base, space.layout, vectors[start:start + per_call], prompts, [args.seed] * len(prompts),
-                                 steps=args.render_steps, guidance_scale=args.guidance)
-        rows += [[tensor_to_pil(x) for x in model] for model in images]
-        print(f"sample: rendered model {len(rows)}/{args.n}", flush=True)
+    images = generate_models(base, space.layout, vectors, prompts, [args.seed] * len(prompts), steps=args.render_steps,
+                             guidance_scale=args.guidance,
+                             progress=lambda done, total: print(f"sample: rendered model {done}/{total}", flush=True))
+    rows = [[tensor_to_pil(x) for x in model] for model in images]
     for i, vec in enumerate(vectors if args.save_loras else []):
         space.save_lora(vec, f"{args.save_loras}/sample_{i}", format=args.lora_format)
     path = save_png(grid(rows, row_labels=[f"sample {i}" for i in range(args.n)], col_labels=prompts), args.grid)

@@ -25,33 +25,21 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class Renderer:
-    """Render models (flat vectors) with fixed seeds, many models per pipeline call.
+    """Render models (flat vectors) with fixed seeds, many models per pipeline call (generate_models).
 
-    Holds no adapter between calls (each call opens a MultiLoraSlot), so the base UNet is bare
-    for fits (inversion, single-image LoRAs) in between."""
+    Holds no adapter between calls, so the base UNet is bare for fits (inversion, single-image
+    LoRAs) in between."""
 
     def __init__(self, base, layout, steps: int):
-        from w2w_core.render import IMAGES_PER_CALL
-
         self.base, self.layout, self.steps = base, layout, steps
-        self.images_per_call = IMAGES_PER_CALL
 
     def many(self, vectors, prompts, seeds: list[int], edited=None, edit_start: float = 0.0) -> torch.Tensor:
         """(K, m, 3, H, W): each of the K vectors (or `edited` after `edit_start`, see generate_models) at
         `seeds`, with `prompts` (m, or m per model)."""
         from w2w_core.render import generate_models
 
-        vectors = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vectors])
-        per_model = not prompts or not isinstance(prompts[0], str)
-        chunk = max(1, self.images_per_call // max(1, len(seeds)))
-        out = []
-        for start in range(0, len(vectors), chunk):
-            part = slice(start, start + chunk)
-            out.append(generate_models(self.base, self.layout, vectors[part], prompts[part] if per_model else prompts,
-                                       seeds, steps=self.steps,
-                                       edited=None if edited is None else torch.stack(list(edited[part])),
-                                       edit_start=edit_start).cpu())
-        return torch.cat(out)
+        return generate_models(self.base, self.layout, vectors, prompts, seeds, steps=self.steps, edited=edited,
+                               edit_start=edit_start).cpu()
 
     def __call__(self, vector: torch.Tensor, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         return self.many([vector], prompts, seeds)[0]
