@@ -151,9 +151,9 @@ def test_report_measures_and_writes(built):
     sampling = numbers["sampling"]
     assert 0.0 <= sampling["attribute_confidence_training_renders"] <= 1.0
     assert sampling["attribute_confidence_real_images"] > sampling["attribute_confidence_noise_images"]
-    for attr in ("male", "beard"):  # the strength sweep (4, 6 sd by default) and the perfect-edit reference
+    for attr in ("male", "beard"):  # the strength sweep (3-6 sd by default) and the perfect-edit reference
         edit = numbers["editing"][attr]
-        assert set(edit["sweep"]) == {"4", "6"} and all(0 <= v["success"] <= 1 for v in edit["sweep"].values())
+        assert set(edit["sweep"]) == {"3", "4", "5", "6"} and all(0 <= v["success"] <= 1 for v in edit["sweep"].values())
         assert edit["perfect_cases"] == 2 and 0 <= edit["perfect_success"] <= 1 and edit["perfect_id_similarity"] < 0.99
     for key in ("w2w", "lora", "same_identity_real", "other_identity_real"):
         assert -1.0 <= numbers["inversion"][key] <= 1.0

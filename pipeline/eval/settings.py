@@ -12,8 +12,9 @@ class ReportSettings:
     edit_models: int = 8
     edit_strength: float = 2.0  # in units of the calibrated sigma of each direction
     # Further strengths measured for the target attributes (EDIT_TARGET_ATTRIBUTES): the success / ID
-    # trade-off, next to what a perfect edit scores in this world.
-    edit_sweep: tuple[float, ...] = (4.0, 6.0)
+    # trade-off, next to what a perfect edit scores in this world. One sd apart: between 3 and 6 sd an edit
+    # moves ID similarity by about 0.05 per sd, as much as the target's margin (docs/RESULTS.md).
+    edit_sweep: tuple[float, ...] = (3.0, 4.0, 5.0, 6.0)
     # 8, not 4: single held-out identities lie 0.1-0.3 apart in ID similarity, and on the demo space 4 and 8
     # identities put the single-image LoRA at 0.375 and 0.432 (docs/RESULTS.md).
     invert_identities: int = 8
