@@ -1,4 +1,4 @@
-"""The throughput benchmarks run end to end on CPU at reduced size (ready for a GPU session)."""
+"""The benchmarks run end to end on CPU at reduced size (the throughput ones ready for a GPU session)."""
 from __future__ import annotations
 
 import json
@@ -55,3 +55,14 @@ def test_gpu_build_cpu(toggles, tmp_path):
     assert saved["machine"]["inversion"]["eager"]["steps"] == 2
     assert saved["machine"]["inversion"]["eager"]["components"] == 8
     assert saved["machine"]["profile"]["K"] == best
+
+
+def test_vae_check_committed_vae_keeps_what_the_evaluators_read():
+    """docs/TINY_WORLD.md rests on it: the committed VAE's reconstructions keep identity and attributes,
+    so what the base cannot draw (smiles) is its UNet's limit."""
+    import vae_check
+
+    result = vae_check.main(["--identities", "24", "--threads", "1"])
+    assert result["identity_cosine"] > 0.7  # same person, other photo: about 0.83
+    for name, acc in result["attribute_accuracy"].items():
+        assert acc["reconstructed"] >= acc["real"] - 0.15, (name, acc)
