@@ -66,3 +66,14 @@ def test_vae_check_committed_vae_keeps_what_the_evaluators_read():
     assert result["identity_cosine"] > 0.7  # same person, other photo: about 0.83
     for name, acc in result["attribute_accuracy"].items():
         assert acc["reconstructed"] >= acc["real"] - 0.15, (name, acc)
+
+
+def test_tiny_batch_size_times_each_k(tmp_path):
+    import tiny_batch_size
+
+    out = tmp_path / "k.json"
+    result = tiny_batch_size.main(["--ks", "1,2", "--steps", "1", "--processes", "1", "--json", str(out)])
+    assert [r["identities_per_batch"] for r in result["rows"]] == [1, 2]
+    assert all(len(r["ms_per_identity_step"]) == 1 and r["ms_per_identity_step"][0] > 0 for r in result["rows"])
+    assert result["rows"][0]["speedup_vs_first"] == 1.0
+    assert json.loads(out.read_text())["rows"] == result["rows"]
