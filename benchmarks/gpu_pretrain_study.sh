@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14's base-model study on one lent GPU, in one call (docs/TINY_WORLD.md, "A longer-pretrained base"):
-# three UNet + text-encoder pretrainings side by side on the committed VAE (the tiny model is
-# launch-bound, so three processes share one GPU almost for free). Hypothesis: the committed UNet
+# three UNet + text-encoder pretrainings side by side on the committed VAE, in three processes on
+# one GPU (how much they slow each other was not measured). Hypothesis: the committed UNet
 # (4000 steps x 32 on a CPU) is under-trained; with 5-7x the samples smiling and bangs follow the prompt
 # and beards are drawn visibly, which the smiling direction and the beard edit need.
 #   b256      : batch 256, lr 1.5e-3 (the committed recipe's lr), 3000 identities x 8 images
