@@ -6,6 +6,9 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_quality_scaling.sh
 #
+# MEASURE (default inversion) picks what quality_scaling.py measures per N (--measure): inversion alone
+# keeps an N to well under a minute on a GPU, where the full curve cost minutes per N (2026-11-26 run).
+#
 # Every stage is time-capped so that one lease returns numbers: the build stops after BUILD_S seconds and
 # the curve then uses the models that finished (finished shards are complete; nothing half-written);
 # the curve's JSON is rewritten after every N. CPU smoke test (a minute):
@@ -15,13 +18,14 @@ set -euo pipefail
 OUT=${OUT:?set OUT}
 PY=${PY:-python3}
 N_MAX=${N_MAX:-2048}
-NS=${NS:-256,512,2048}
+NS=${NS:-256,512,1024,2048}
 DEVICE=${DEVICE:-cuda}
-BATCH=${BATCH:-256}
+BATCH=${BATCH:-512}
 BUILD_S=${BUILD_S:-240}
 CURVE_S=${CURVE_S:-240}
 SYNTH_PROCS=${SYNTH_PROCS:-8}
-INVERT_IDS=${INVERT_IDS:-12}
+INVERT_IDS=${INVERT_IDS:-16}
+MEASURE=${MEASURE:-inversion}
 INVERT_STEPS=${INVERT_STEPS:-200}
 RENDER_STEPS=${RENDER_STEPS:-25}
 WORK=${WORK:-/tmp/gq_work}
@@ -64,6 +68,7 @@ EOF
 # 2. the build, time-capped (a stopped build keeps its finished shards); not quality_scaling.py --build,
 #    whose cap would also end the curve
 log "build (cap ${BUILD_S}s)"
+build_started=$SECONDS
 sets=("data.source=$WORK/ids" "model.device=$DEVICE" "train.identities_per_batch=$BATCH" "build.rows_per_shard=$BATCH")
 [ -n "${STEPS:-}" ] && sets+=("train.steps=$STEPS")
 timeout "$BUILD_S" $PY - "$WORK/space" "${sets[@]}" <<'EOF' 2>&1 | tail -n 30 > "$OUT/build.log" || true
@@ -78,13 +83,13 @@ print("BUILD DONE", summary.seconds, "s; failed:", summary.failed, flush=True)
 EOF
 tail -n 4 "$OUT/build.log"
 valid=$($PY -c "from pipeline.builder.store import WeightStore; print(WeightStore.open('$WORK/space', mode='r').valid_rows().size)")
-log "models built: $valid"
+log "models built: $valid in $((SECONDS - build_started)) s (model load, class latents and the cap's unfinished shard included)"
 ns=$($PY -c "print(','.join([n for n in '$NS'.split(',') if int(n) < $valid] + ['$valid']))")
 
 # 3. the curve, K = N - 1 (inversion in every PC; directions and sampling in the config's first 64)
 log "curve at N = $ns (cap ${CURVE_S}s)"
 timeout "$CURVE_S" $PY benchmarks/quality_scaling.py "$WORK/space" --ns "$ns" --components 100000 \
-    --invert-identities "$INVERT_IDS" --invert-steps "$INVERT_STEPS" --render-steps "$RENDER_STEPS" \
+    --invert-identities "$INVERT_IDS" --invert-steps "$INVERT_STEPS" --render-steps "$RENDER_STEPS" --measure "$MEASURE" \
     --json "$OUT/quality_scaling_gpu.json" --table "$OUT/quality_scaling_gpu.md" > "$OUT/curve.log" 2>&1 || true
 grep -E "scaling: N=[0-9]+ done|Error|error" "$OUT/curve.log" | cut -c1-400 | tail -n 20
 cat "$OUT/quality_scaling_gpu.md" 2>/dev/null || true

@@ -43,6 +43,16 @@ def parse_ns(text: str) -> list[int]:
     return ns
 
 
+def parse_measure(text: str) -> tuple[str, ...]:
+    from pipeline.eval.scaling import MEASUREMENTS
+
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in names if v not in MEASUREMENTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--measure takes a comma-separated subset of {','.join(MEASUREMENTS)}; got {text!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -79,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gated-edit-start", type=float, default=0.0,
                     help="also measure timestep-gated edits from this fraction (default 0 = skip; the report uses 0.4)")
     ap.add_argument("--attribute", action="append", default=None, help="attributes to edit and score (default: all)")
+    ap.add_argument("--measure", type=parse_measure, default=None, metavar="LIST",
+                    help="comma-separated subset of fidelity,sampling,editing,inversion to run (default: all); the "
+                         "directions' held-out accuracy and explained variance are always measured")
     return ap
 
 
@@ -127,7 +140,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="quality_scaling_") as tmp:
         doc = run_scaling(args.out, args.ns, args.work or tmp, settings, seed=args.seed, components=args.components,
                           edit_components=args.edit_components,
-                          evr_k=args.evr_k, log=log, on_update=save)
+                          evr_k=args.evr_k, log=log, on_update=save,
+                          **({"measure": args.measure} if args.measure else {}))
     save(doc)
     from pipeline.eval.scaling import table_markdown
 

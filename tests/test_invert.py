@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from w2w_core.invert import PRESETS, invert
+from w2w_core.invert import PRESETS, invert, invert_batch
 from w2w_core.layout import LoraLayout
 from w2w_core.model import random_tiny_base
 from w2w_core.render import LoraSlot
@@ -55,6 +55,31 @@ def test_mask_changes_the_objective(setup):
     plain = invert(base, layout, mean, std, components, image, steps=2, seed=1)
     masked = invert(base, layout, mean, std, components, image, steps=2, seed=1, mask=mask)
     assert plain.losses[0] != masked.losses[0]
+
+
+def test_batch_fits_each_image_as_alone(setup):
+    """invert_batch is a faster way to run invert several times: every image's fit (coefficients, losses) is the
+    one invert makes for it alone with the same seed, masks included, and the base is left without adapters."""
+    base, layout, mean, std, components, image = setup
+    g = torch.Generator().manual_seed(1)
+    images = torch.stack([image, torch.rand(3, 64, 64, generator=g) * 2 - 1, image.flip(-1)])
+    masks = torch.ones(3, 64, 64)
+    masks[1, :, :32] = 0
+    alone = [invert(base, layout, mean, std, components, images[i], steps=5, lr=0.5, seed=3, mask=masks[i])
+             for i in range(3)]
+    together = invert_batch(base, layout, mean, std, components, images, steps=5, lr=0.5, seed=3, masks=masks)
+    assert len(together) == 3
+    for a, b in zip(alone, together):
+        assert a.coefficients.abs().max() > 0.1, "the fit did not move"
+        torch.testing.assert_close(b.coefficients, a.coefficients, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(b.losses), torch.tensor(a.losses), atol=1e-5, rtol=1e-4)
+    # different images really got different fits (not one fit copied N times)
+    assert (together[0].coefficients - together[1].coefficients).abs().max() > 1e-3
+    assert not any("lora" in n or n.endswith((".A", ".B")) for n, _ in base.unet.named_parameters())
+    with pytest.raises(ValueError, match="masks"):
+        invert_batch(base, layout, mean, std, components, images, steps=1, masks=masks[:2])
+    with pytest.raises(ValueError, match=r"image\(s\) \[1\]"):
+        invert_batch(base, layout, mean, std, components, torch.stack([image, image * float("nan")]), steps=1)
 
 
 def test_components_capped_and_bad_inputs(setup):

@@ -66,6 +66,19 @@ def test_nested_subsets_measured_and_fitted_on_the_subset(tmp_path):
     rows = [line.split(" | ")[0] for line in (tmp_path / "q.md").read_text().splitlines() if line[:3] in ("| 1", "| 4")]
     assert rows == ["| 12", "| 40"]
 
+    # Inversion alone (a GPU lease's cheap curve): sampling and editing are not run and read as None, not 0
+    only = run_scaling(out, [40], tmp_path / "work_inv", settings, seed=1, evr_k=3, log=lambda m: None,
+                       edit_components=5, measure=("inversion",))
+    row, record = only["summary"][0], only["results"][0]
+    assert "sampling" not in record and "editing" not in record and only["fidelity"] is None
+    assert row["novel_fraction"] is None and row["edit_success"] is None and row["fidelity"] is None
+    assert np.isfinite(row["inversion_w2w"]) and np.isfinite(row["direction_accuracy"])
+    # the same subset, PCA, baseline and inversion as the full run's N = 40: the same numbers
+    assert row["inversion_lora"] == doc["summary"][1]["inversion_lora"]
+    assert abs(row["inversion_w2w"] - doc["summary"][1]["inversion_w2w"]) < 1e-6
+    write_outputs(only, None, tmp_path / "inv.png", tmp_path / "inv.md")
+    assert "| 40 | 8 |" in (tmp_path / "inv.md").read_text() and "n/a" in (tmp_path / "inv.md").read_text()
+
 
 def test_local_build_needs_no_ray(tmp_path, monkeypatch):
     """quality_scaling --build: run_build(local=True) trains every shard in this process through ShardWorker,

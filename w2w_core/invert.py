@@ -2,7 +2,9 @@
 
 Only the PC coefficients c are optimised (start at 0); the LoRA weights are constrained to
 w(c) = mean + std * (c @ V) and enter the frozen UNet through torch.func.functional_call,
-so gradients reach c and nothing else.
+so gradients reach c and nothing else. `invert_batch` fits several images at once, one
+coefficient vector each, through one forward pass of K stacked LoRAs (w2w_core.multi_lora):
+each image's fit is the one `invert` makes alone, only faster per image.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch.func import functional_call
 
 from w2w_core.layout import LoraLayout
 from w2w_core.model import BaseModel
-from w2w_core.render import LoraSlot
+from w2w_core.multi_lora import MultiLoraSlot
 
 # The published settings: in-distribution faces (10,000 PCs) and out-of-distribution
 # inputs such as paintings or cartoons (1,000 PCs, larger steps). `components` is capped
@@ -44,84 +46,120 @@ def invert(
     components: torch.Tensor,
     image: torch.Tensor,
     *,
+    mask: torch.Tensor | None = None,
+    **settings,
+) -> InversionResult:
+    """Fit the first `n_components` PC coefficients to one image (3, H, W) in [-1, 1].
+
+    `mask` (H, W) in [0, 1] weights the loss per pixel (e.g. a face mask), resized to the latents.
+    The other settings (prompt, n_components, steps, lr, weight_decay, seed, progress, compile) are
+    `invert_batch`'s.
+    """
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
+    masks = None if mask is None else mask[None]
+    return invert_batch(base, layout, mean, std, components, image[None], masks=masks, **settings)[0]
+
+
+def invert_batch(
+    base: BaseModel,
+    layout: LoraLayout,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    components: torch.Tensor,
+    images: torch.Tensor,
+    *,
     prompt: str = "sks person",
     n_components: int | None = None,
     steps: int = 400,
     lr: float = 0.1,
     weight_decay: float = 1e-10,
-    mask: torch.Tensor | None = None,
+    masks: torch.Tensor | None = None,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
     compile: bool = False,
-) -> InversionResult:
-    """Fit the first `n_components` PC coefficients to one image (3, H, W) in [-1, 1].
+) -> list[InversionResult]:
+    """Fit one coefficient vector per image of `images` (N, 3, H, W) in [-1, 1], all in one batch.
 
-    `mask` (H, W) in [0, 1] weights the loss per pixel (e.g. a face mask), resized to the latents.
-    `compile=True` runs the UNet call through torch.compile: one image per step leaves a large
-    UNet launch-bound (about 8,000 kernels per step at SD1.5 shape), and fusing them is what
-    shortens the step on a GPU (docs/BENCHMARKS.md); the first steps pay the compilation.
+    Each image draws the noise and timesteps `invert` draws for it alone with the same `seed`, and
+    the loss is the sum of the images' own losses, so each image's gradient (and Adam's elementwise
+    update) is its own: the fits are `invert`'s up to float rounding. `masks` (N, H, W) in [0, 1]
+    weights each image's loss per pixel. `progress(step, loss)` gets the images' mean loss.
+    The UNet must carry no peft adapter (see MultiLoraSlot). `compile=True` runs the UNet call
+    through torch.compile: a small batch leaves a large UNet launch-bound (about 8,000 kernels
+    per step at SD1.5 shape), and fusing them is what shortens the step on a GPU
+    (docs/BENCHMARKS.md); the first steps pay the compilation.
     """
     available = components.shape[0]
     k = available if n_components is None else int(n_components)
     if k < 1:
         raise ValueError(f"n_components must be >= 1, got {k}")
     k = min(k, available)
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must be (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
-    if not torch.isfinite(image).all():
-        raise ValueError("image contains NaN or inf values")
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
+        raise ValueError(f"images must be (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+    bad = [i for i in range(images.shape[0]) if not torch.isfinite(images[i]).all()]
+    if bad:
+        raise ValueError(f"image(s) {bad} contain NaN or inf values")
+    if masks is not None and (masks.ndim != 3 or masks.shape[0] != images.shape[0]):
+        raise ValueError(f"masks must be (N, H, W) with N = {images.shape[0]}, got shape {tuple(masks.shape)}")
 
+    n = images.shape[0]
     device = base.device
     started = time.perf_counter()
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    latents = base.encode_images(image[None]).float()
-    text = base.encode_prompts([prompt])
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for _ in range(n)]
+    latents = base.encode_images(images).float()
+    text = base.encode_prompts([prompt]).expand(n, -1, -1)
     weight = None
-    if mask is not None:
-        weight = F.interpolate(mask.float()[None, None], size=latents.shape[-2:], mode="bilinear", align_corners=False)
+    if masks is not None:
+        weight = F.interpolate(masks.float()[:, None], size=latents.shape[-2:], mode="bilinear", align_corners=False)
         weight = weight.to(device).expand_as(latents)
 
     mean = mean.to(device, torch.float32)
     basis = (components[:k].to(device, torch.float32) * std.to(device, torch.float32))  # (k, D)
-    coefficients = torch.zeros(k, device=device, requires_grad=True)
+    coefficients = torch.zeros(n, k, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([coefficients], lr=lr, weight_decay=weight_decay)
     scheduler = base.scheduler
     num_train_timesteps = scheduler.config.num_train_timesteps
-    losses: list[float] = []
+    losses: list[list[float]] = [[] for _ in range(n)]
 
-    with LoraSlot(base, layout, adapter_name="w2w_invert") as slot:
+    with MultiLoraSlot(base, layout, n) as slot:
 
-        def predict_noise(vector, noisy, timestep):
-            params = slot.functional_params(vector)
-            return functional_call(base.unet, params, (noisy, timestep), {"encoder_hidden_states": text}).sample
+        def predict_noise(vectors, noisy, timesteps):
+            params = slot.functional_params(vectors)
+            return functional_call(base.unet, params, (noisy, timesteps), {"encoder_hidden_states": text}).sample
 
         if compile:
             predict_noise = torch.compile(predict_noise)
         for step in range(steps):
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            timestep = torch.randint(0, num_train_timesteps, (1,), generator=generator).to(device)
-            noisy = scheduler.add_noise(latents, noise, timestep).to(base.unet.dtype)
-            vector = mean + coefficients @ basis
+            draws = [(torch.randn(latents.shape[1:], generator=g), torch.randint(0, num_train_timesteps, (1,), generator=g))
+                     for g in generators]
+            noise = torch.stack([d[0] for d in draws]).to(device)
+            timesteps = torch.cat([d[1] for d in draws]).to(device)
+            noisy = scheduler.add_noise(latents, noise, timesteps).to(base.unet.dtype)
+            vectors = mean + coefficients @ basis
             with torch.autocast(device.type, dtype=base.dtype, enabled=base.dtype != torch.float32):
-                pred = predict_noise(vector, noisy, timestep)
+                pred = predict_noise(vectors, noisy, timesteps)
             error = (pred.float() - noise) ** 2
-            loss = (error * weight).sum() / weight.sum().clamp_min(1e-8) if weight is not None else error.mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"inversion loss became {loss.item()} at step {step}; lower the learning rate")
+            if weight is not None:
+                per_image = (error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1e-8)
+            else:
+                per_image = error.flatten(1).mean(1)
+            if not torch.isfinite(per_image).all():
+                which = torch.nonzero(~torch.isfinite(per_image)).flatten().tolist()
+                raise FloatingPointError(f"inversion loss of image(s) {which} became non-finite at step {step}; "
+                                         "lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            per_image.sum().backward()
             optimizer.step()
-            losses.append(loss.item())
+            values = per_image.detach().cpu().tolist()
+            for i, v in enumerate(values):
+                losses[i].append(v)
             if progress is not None:
-                progress(step, losses[-1])
+                progress(step, sum(values) / n)
 
     coefficients = coefficients.detach()
     with torch.no_grad():
-        vector = (mean + coefficients @ basis).cpu()
-    return InversionResult(
-        coefficients=coefficients.cpu(),
-        vector=vector,
-        losses=losses,
-        seconds=time.perf_counter() - started,
-        components=k,
-    )
+        vectors = (mean + coefficients @ basis).cpu()
+    seconds = (time.perf_counter() - started) / n
+    return [InversionResult(coefficients=coefficients[i].cpu(), vector=vectors[i], losses=losses[i], seconds=seconds,
+                            components=k) for i in range(n)]

@@ -18,6 +18,15 @@ import torch
 from w2w_core.layout import LayoutMismatchError, LoraLayout
 
 
+def _hold(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """A trainer's factors are Parameters; a slot's are (non-persistent) buffers, so that
+    torch.func.functional_call can substitute them (a differentiable inversion, `MultiLoraSlot.functional_params`)."""
+    if isinstance(tensor, torch.nn.Parameter):
+        setattr(module, name, tensor)
+    else:
+        module.register_buffer(name, tensor, persistent=False)
+
+
 class MultiLoraLinear(torch.nn.Module):
     """y = base(x) + scaling * B_k A_k x for the samples of model k (model-major batch)."""
 
@@ -25,8 +34,8 @@ class MultiLoraLinear(torch.nn.Module):
                  copies: int = 1):
         super().__init__()
         self.base_layer = base_layer
-        self.A = A  # (K, r, in)
-        self.B = B  # (K, out, r)
+        _hold(self, "A", A)  # (K, r, in)
+        _hold(self, "B", B)  # (K, out, r)
         self.scaling = float(scaling)
         self.copies = int(copies)
 
@@ -53,8 +62,8 @@ class MultiLoraConv2d(torch.nn.Module):
                  copies: int = 1):
         super().__init__()
         self.base_layer = base_layer
-        self.A = A  # (K, r, in, kh, kw)
-        self.B = B  # (K, out, r, 1, 1)
+        _hold(self, "A", A)  # (K, r, in, kh, kw)
+        _hold(self, "B", B)  # (K, out, r, 1, 1)
         self.scaling = float(scaling)
         self.copies = int(copies)
 
@@ -176,6 +185,18 @@ class MultiLoraSlot:
         for key, shape in self.layout.entries:
             start, stop = self.layout.offsets[key]
             self.params[key].copy_(vectors[:, start:stop].reshape(self.models, *shape))
+
+    def functional_params(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Differentiable {buffer name: tensor} views of `vectors` (K, D) for torch.func.functional_call
+        on the UNet: gradients reach the vectors (what a batched inversion optimises), nothing else."""
+        if vectors.shape != (self.models, self.layout.numel):
+            raise ValueError(f"expected ({self.models}, {self.layout.numel}) vectors, got {tuple(vectors.shape)}")
+        out = {}
+        for key, shape in self.layout.entries:
+            start, stop = self.layout.offsets[key]
+            module, factor = key.split(".lora_")[0], key.split(".lora_")[1][0]  # 'x.to_q.lora_A.weight' -> x.to_q, A
+            out[f"{module}.{factor}"] = vectors[:, start:stop].reshape(self.models, *shape)
+        return out
 
     def remove(self) -> None:
         for m, original in self.originals.items():

@@ -296,18 +296,37 @@ class WeightSpace:
         overrides (n_components, steps, lr, weight_decay, mask, seed, progress) win over it.
         The number of PCs is capped by what the space has.
         """
-        from w2w_core.invert import PRESETS, invert
+        from w2w_core.invert import invert
         from w2w_core.render import load_image
+
+        base = base if base is not None else self.base_model()
+        if not isinstance(image, torch.Tensor):
+            image = load_image(image, base.resolution)
+        return invert(base, self.layout, self.mean, self.std, self.components, image, prompt=prompt,
+                      **self._inversion_settings(preset, overrides))
+
+    def invert_batch(self, images: torch.Tensor, *, base=None, preset: str = "in", prompt: str = "sks person",
+                     **overrides):
+        """Several images (N, 3, H, W) in [-1, 1] -> one InversionResult each, fitted together in one batch
+        (w2w_core.invert.invert_batch: each fit is the one `invert` makes alone, faster per image).
+        Settings as `invert`, with `masks` (N, H, W) instead of `mask`."""
+        from w2w_core.invert import invert_batch
+
+        base = base if base is not None else self.base_model()
+        return invert_batch(base, self.layout, self.mean, self.std, self.components, images, prompt=prompt,
+                            **self._inversion_settings(preset, overrides))
+
+    @staticmethod
+    def _inversion_settings(preset: str, overrides: dict) -> dict:
+        """The preset's settings (components -> n_components), then the overrides that are not None."""
+        from w2w_core.invert import PRESETS
 
         if preset not in PRESETS:
             raise ValueError(f"unknown inversion preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        base = base if base is not None else self.base_model()
         settings = dict(PRESETS[preset])
         settings["n_components"] = settings.pop("components")
         settings.update({k: v for k, v in overrides.items() if v is not None})
-        if not isinstance(image, torch.Tensor):
-            image = load_image(image, base.resolution)
-        return invert(base, self.layout, self.mean, self.std, self.components, image, prompt=prompt, **settings)
+        return settings
 
     def __repr__(self) -> str:
         return (

@@ -305,12 +305,10 @@ def measure_inversion(space, store, base, evaluators, settings: ReportSettings, 
 
     if lora_fits is None:
         lora_fits = single_image_loras(base, space.layout, store, settings, range(settings.invert_identities))
-    fits = []
-    for h in range(settings.invert_identities):
-        images = heldout_images(settings, h)
-        result = space.invert(images[0], steps=settings.invert_steps, lr=settings.invert_lr, seed=settings.seed, base=base)
-        single, lora_seconds = lora_fits[h]
-        fits.append((images, result, single, lora_seconds))
+    identity_images = [heldout_images(settings, h) for h in range(settings.invert_identities)]
+    results = space.invert_batch(torch.stack([images[0] for images in identity_images]), steps=settings.invert_steps,
+                                 lr=settings.invert_lr, seed=settings.seed, base=base) if identity_images else []
+    fits = [(images, result, *lora_fits[h]) for h, (images, result) in enumerate(zip(identity_images, results))]
     render = Renderer(base, space.layout, settings.render_steps)
     zero = torch.zeros(space.layout.numel)
     all_renders = render.many([result.vector for _, result, _, _ in fits]

@@ -29,6 +29,9 @@ import numpy as np
 from pipeline.eval.report import EDIT_TARGET_ATTRIBUTES, TARGETS
 from pipeline.eval.settings import ReportSettings
 
+# What run_scaling can measure per N (its `measure`); fidelity runs once, whatever N.
+MEASUREMENTS = ("fidelity", "sampling", "editing", "inversion")
+
 # Entries of a build folder that belong to one subspace/report, not to the store: not linked into a subset's folder.
 PER_SPACE = ("subspace", "report", "grids")
 
@@ -54,7 +57,9 @@ def subset_folder(out: Path, work: Path, n: int) -> Path:
 
 def summarize(record: dict, fidelity: dict, direction_attributes: list[str], evr_k: int) -> dict:
     """The curves' numbers for one N (flat): what the plot and the table show."""
-    inv, smp, ws, edits = record["inversion"], record["sampling"], record["weight_space"], record["editing"]
+    # a measurement skipped (run_scaling's `measure`) reads as None in every number it gives
+    inv, smp, ws = record.get("inversion") or {}, record.get("sampling") or {}, record["weight_space"]
+    edits = record.get("editing") or {}
     edit_attrs = [a for a in EDIT_TARGET_ATTRIBUTES if a in edits and "skipped" not in edits[a]]
     acc = ws["heldout_attribute_accuracy"]
     accs = [acc[a]["balanced_accuracy"] for a in direction_attributes if a in acc]
@@ -65,18 +70,18 @@ def summarize(record: dict, fidelity: dict, direction_attributes: list[str], evr
         "fidelity": fidelity.get("fidelity"),
         "fidelity_floor": fidelity.get("floor"),
         "fidelity_ceiling": fidelity.get("ceiling"),
-        "inversion_w2w": inv["w2w"],
-        "inversion_lora": inv["lora"],
-        "inversion_vs_lora": inv["w2w"] / inv["lora"] if inv["lora"] else None,
+        "inversion_w2w": inv.get("w2w"),
+        "inversion_lora": inv.get("lora"),
+        "inversion_vs_lora": inv["w2w"] / inv["lora"] if inv.get("lora") else None,
         "edit_success": float(np.mean([edits[a]["w2w_success"] for a in edit_attrs])) if edit_attrs else None,
         "edit_id_similarity": float(np.mean([edits[a]["w2w_id_similarity"] for a in edit_attrs])) if edit_attrs else None,
         "edit_attributes": edit_attrs,
         "direction_accuracy": float(np.nanmean(accs)) if accs and not np.all(np.isnan(accs)) else None,
         "direction_attributes": [a for a in direction_attributes if a in acc],
         "direction_accuracy_per_attribute": {a: acc[a]["balanced_accuracy"] for a in direction_attributes if a in acc},
-        "novel_fraction": smp["novel_fraction"],
-        "validity_samples": smp["attribute_confidence_samples"],
-        "validity_real": smp["attribute_confidence_real_images"],
+        "novel_fraction": smp.get("novel_fraction"),
+        "validity_samples": smp.get("attribute_confidence_samples"),
+        "validity_real": smp.get("attribute_confidence_real_images"),
         "evr_k": min(evr_k, len(evr)),
         "evr_first_k": float(np.sum(evr[:evr_k])),
     }
@@ -107,6 +112,7 @@ def run_scaling(
     evr_k: int = 10,
     log: Callable[[str], None] = print,
     on_update: Callable[[dict], None] | None = None,
+    measure: tuple[str, ...] = MEASUREMENTS,
 ) -> dict:
     """Measure quality for each N in `ns` (ascending) on nested subsets of the store at `out`.
 
@@ -114,7 +120,12 @@ def run_scaling(
     `edit_components`: leading PCs the directions and samples use (default: the build config's
     subspace.edit_components, else all), capped at each subset's K; set it for a store built before it existed.
     `on_update(doc)` runs after every N with the results so far (write them: a long run keeps what finished).
+    `measure`: which of MEASUREMENTS run per N (fewer: cheaper Ns, e.g. inversion alone on a GPU lease);
+    the directions' held-out accuracy and the explained variance are always measured.
     """
+    unknown = sorted(set(measure) - set(MEASUREMENTS))
+    if unknown:
+        raise ValueError(f"unknown measurement(s) {unknown}; choose from {', '.join(MEASUREMENTS)}")
     from pipeline.builder.store import WeightStore
     from pipeline.config import SubspaceConfig
     from pipeline.eval.evaluators import load_evaluators
@@ -157,6 +168,7 @@ def run_scaling(
         seconds = {"subspace": time.perf_counter() - t0}
         if base is None:
             base = space.base_model()
+        if lora_fits is None and "inversion" in measure:
             t1 = time.perf_counter()
             log(f"scaling: single-image LoRA baseline for {settings.invert_identities} held-out identities (once)")
             lora_fits = single_image_loras(base, space.layout, store, settings, range(settings.invert_identities))
@@ -166,22 +178,25 @@ def run_scaling(
         report_dir = folder / "report"
         report_dir.mkdir()
         render = Renderer(base, space.layout, settings.render_steps)
-        if doc["fidelity"] is None:
+        if doc["fidelity"] is None and "fidelity" in measure:
             t1 = time.perf_counter()
             log(f"scaling: N={n}: fidelity of the first {min(settings.fidelity_models, n)} models (once: it does not depend on N)")
             doc["fidelity"] = measure_fidelity(store, space, evaluators, render, true_vector, settings, report_dir)
             doc["fidelity"]["seconds"] = time.perf_counter() - t1
         record: dict = {"n": n, "k": space.k, "attributes": attributes}
-        for name, measure in (("sampling", lambda: measure_sampling(space, evaluators, render, true_vector, settings, report_dir)),
-                              ("editing", lambda: measure_editing(space, evaluators, render, true_vector, attributes, settings, report_dir))):
+        for name, run in (("sampling", lambda: measure_sampling(space, evaluators, render, true_vector, settings, report_dir)),
+                          ("editing", lambda: measure_editing(space, evaluators, render, true_vector, attributes, settings, report_dir))):
+            if name not in measure:
+                continue
             t1 = time.perf_counter()
             log(f"scaling: N={n}: {name}")
-            record[name] = measure()
+            record[name] = run()
             seconds[name] = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        log(f"scaling: N={n}: inversion")
-        record["inversion"] = measure_inversion(space, store, base, evaluators, settings, report_dir, lora_fits=lora_fits)
-        seconds["inversion"] = time.perf_counter() - t1
+        if "inversion" in measure:
+            t1 = time.perf_counter()
+            log(f"scaling: N={n}: inversion")
+            record["inversion"] = measure_inversion(space, store, base, evaluators, settings, report_dir, lora_fits=lora_fits)
+            seconds["inversion"] = time.perf_counter() - t1
         evr = space.explained_variance_ratio
         record["weight_space"] = {
             "explained_variance_ratio": [float(v) for v in (evr if evr is not None else [])],
@@ -190,7 +205,7 @@ def run_scaling(
         seconds["total"] = time.perf_counter() - t0
         record["seconds"] = seconds
         doc["results"].append(record)
-        doc["summary"].append(summarize(record, doc["fidelity"], dir_attrs, evr_k))
+        doc["summary"].append(summarize(record, doc["fidelity"] or {}, dir_attrs, evr_k))
         log(f"scaling: N={n} done in {seconds['total']:.0f}s: " + ", ".join(
             f"{key} {v:.3f}" for key, v in doc["summary"][-1].items() if isinstance(v, float)))
         if on_update is not None:
