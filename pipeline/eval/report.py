@@ -520,7 +520,7 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         f"of renders to the identity's other images. {_spread_words(inv)}, so a mean over a few is rough "
         "(`w2w report --invert-identities` sets how many).", "",
         "| method | ID similarity | seconds per identity |", "|---|---|---|",
-        f"| w2w inversion | {inv['w2w']:.3f} | {inv['w2w_seconds']:.1f} |",
+        f"| w2w inversion (all {numbers['settings']['invert_identities']} fitted in one batch) | {inv['w2w']:.3f} | {inv['w2w_seconds']:.1f} |",
         f"| single-image LoRA, same step budget (all {numbers['settings']['invert_identities']} trained in one batch) | {inv['lora']:.3f} | {inv['lora_seconds']:.1f} |",
         f"| ceiling: a real image of the same identity | {inv['same_identity_real']:.3f} | |",
         f"| floor: a real image of another identity | {inv['other_identity_real']:.3f} | |",
