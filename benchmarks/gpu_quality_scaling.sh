@@ -26,6 +26,9 @@ CURVE_S=${CURVE_S:-240}
 SYNTH_PROCS=${SYNTH_PROCS:-8}
 INVERT_IDS=${INVERT_IDS:-16}
 MEASURE=${MEASURE:-inversion}
+EDIT_SWEEP=${EDIT_SWEEP:-}     # with MEASURE containing editing: e.g. 3,4,5,6 (the report's sweep)
+EDIT_MODELS=${EDIT_MODELS:-8}
+SAMPLE_MODELS=${SAMPLE_MODELS:-16}
 INVERT_STEPS=${INVERT_STEPS:-200}
 RENDER_STEPS=${RENDER_STEPS:-25}
 WORK=${WORK:-/tmp/gq_work}
@@ -90,6 +93,7 @@ ns=$($PY -c "print(','.join([n for n in '$NS'.split(',') if int(n) < $valid] + [
 log "curve at N = $ns (cap ${CURVE_S}s)"
 timeout "$CURVE_S" $PY benchmarks/quality_scaling.py "$WORK/space" --ns "$ns" --components 100000 \
     --invert-identities "$INVERT_IDS" --invert-steps "$INVERT_STEPS" --render-steps "$RENDER_STEPS" --measure "$MEASURE" \
+    --edit-sweep "$EDIT_SWEEP" --edit-models "$EDIT_MODELS" --sample-models "$SAMPLE_MODELS" \
     --json "$OUT/quality_scaling_gpu.json" --table "$OUT/quality_scaling_gpu.md" > "$OUT/curve.log" 2>&1 || true
 grep -E "scaling: N=[0-9]+ done|Error|error" "$OUT/curve.log" | cut -c1-400 | tail -n 20
 cat "$OUT/quality_scaling_gpu.md" 2>/dev/null || true

@@ -43,6 +43,13 @@ def parse_ns(text: str) -> list[int]:
     return ns
 
 
+def parse_strengths(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SystemExit(f"--edit-sweep takes comma-separated numbers, e.g. 3,4,5,6; got {text!r}") from None
+
+
 def parse_measure(text: str) -> tuple[str, ...]:
     from pipeline.eval.scaling import MEASUREMENTS
 
@@ -86,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--invert-steps", type=int, default=200)
     ap.add_argument("--fidelity-models", type=int, default=16)
     ap.add_argument("--render-steps", type=int, default=25)
+    ap.add_argument("--edit-sweep", default="", metavar="LIST",
+                    help="also edit male, beard, eyeglasses and young at these strengths in calibrated sd, e.g. 3,4,5,6 "
+                         "(the report's sweep; default: none, the report's 2 sd only)")
     ap.add_argument("--gated-edit-start", type=float, default=0.0,
                     help="also measure timestep-gated edits from this fraction (default 0 = skip; the report uses 0.4)")
     ap.add_argument("--attribute", action="append", default=None, help="attributes to edit and score (default: all)")
@@ -113,7 +123,7 @@ def main(argv=None) -> int:
                               invert_identities=args.invert_identities, invert_steps=args.invert_steps,
                               fidelity_models=args.fidelity_models, render_steps=args.render_steps,
                               gated_edit_start=args.gated_edit_start, attributes=args.attribute or [],
-                              edit_sweep=())  # the curve uses the report's strength only
+                              edit_sweep=parse_strengths(args.edit_sweep))
     started = time.time()
     meta = {"command": " ".join(["python", "benchmarks/quality_scaling.py", *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
