@@ -102,3 +102,23 @@ def test_local_build_needs_no_ray(tmp_path, monkeypatch):
     assert np.isfinite(np.asarray(store.array[:])).all()
     again = run_build(cfg, progress_bar=False, log=lambda m: None, local=True)
     assert (again.done_before, again.done_now) == (3, 0)
+
+
+def test_cli_options_parse_and_refuse_bad_values(capsys):
+    """benchmarks/quality_scaling.py's --measure and --edit-sweep: the subset and the strengths reach the run; a
+    wrong name or number stops with a message that names the option."""
+    import sys
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quality_scaling
+
+    args = quality_scaling.build_parser().parse_args(["out", "--ns", "8,4", "--measure", "inversion,editing"])
+    assert args.measure == ("inversion", "editing") and args.ns == [4, 8]
+    assert quality_scaling.parse_strengths("3,4.5") == (3.0, 4.5) and quality_scaling.parse_strengths("") == ()
+    with pytest.raises(SystemExit):
+        quality_scaling.build_parser().parse_args(["out", "--ns", "8", "--measure", "inversion,plotting"])
+    assert "--measure takes a comma-separated subset" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--edit-sweep"):
+        quality_scaling.parse_strengths("3,x")
