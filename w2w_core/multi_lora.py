@@ -187,7 +187,7 @@ class MultiLoraSlot:
             self.params[key].copy_(vectors[:, start:stop].reshape(self.models, *shape))
 
     def functional_params(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Differentiable {buffer name: tensor} views of `vectors` (K, D) for torch.func.functional_call
+        """Differentiable {buffer name: tensor} slices of `vectors` (K, D) for torch.func.functional_call
         on the UNet: gradients reach the vectors (what a batched inversion optimises), nothing else."""
         if vectors.shape != (self.models, self.layout.numel):
             raise ValueError(f"expected ({self.models}, {self.layout.numel}) vectors, got {tuple(vectors.shape)}")
