@@ -80,6 +80,9 @@ def test_batch_fits_each_image_as_alone(setup):
         invert_batch(base, layout, mean, std, components, images, steps=1, masks=masks[:2])
     with pytest.raises(ValueError, match=r"image\(s\) \[1\]"):
         invert_batch(base, layout, mean, std, components, torch.stack([image, image * float("nan")]), steps=1)
+    with LoraSlot(base, layout):  # a render adapter left on the UNet: said, with the fix
+        with pytest.raises(RuntimeError, match="inversion need the bare base UNet"):
+            invert(base, layout, mean, std, components, image, steps=1)
 
 
 def test_components_capped_and_bad_inputs(setup):

@@ -167,7 +167,8 @@ class MultiLoraSlot:
         self.originals = check_layout_modules(layout, unet)
         wrapped = [m for m, mod in self.originals.items() if hasattr(mod, "base_layer")]
         if wrapped:
-            raise RuntimeError(f"the UNet already carries a LoRA adapter on {wrapped[0]!r}; remove it before a MultiLoraSlot")
+            raise RuntimeError(f"the UNet already carries a LoRA adapter on {wrapped[0]!r}; rendering many models and "
+                               "inversion need the bare base UNet: close the LoraSlot (or unload the LoRA) first")
         device = next(unet.parameters()).device
         self.params: dict[str, torch.Tensor] = {}
         for m in layout.modules:
