@@ -47,7 +47,7 @@ def parse_strengths(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise SystemExit(f"--edit-sweep takes comma-separated numbers, e.g. 3,4,5,6; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--edit-sweep takes comma-separated numbers, e.g. 3,4,5,6; got {text!r}") from None
 
 
 def parse_measure(text: str) -> tuple[str, ...]:
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--invert-steps", type=int, default=200)
     ap.add_argument("--fidelity-models", type=int, default=16)
     ap.add_argument("--render-steps", type=int, default=25)
-    ap.add_argument("--edit-sweep", default="", metavar="LIST",
+    ap.add_argument("--edit-sweep", type=parse_strengths, default=(), metavar="LIST",
                     help="also edit male, beard, eyeglasses and young at these strengths in calibrated sd, e.g. 3,4,5,6 "
                          "(the report's sweep; default: none, the report's 2 sd only)")
     ap.add_argument("--gated-edit-start", type=float, default=0.0,
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.eval.settings import ReportSettings
-    from pipeline.eval.scaling import run_scaling, write_outputs
+    from pipeline.eval.scaling import MEASUREMENTS, run_scaling, write_outputs
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
                               invert_identities=args.invert_identities, invert_steps=args.invert_steps,
                               fidelity_models=args.fidelity_models, render_steps=args.render_steps,
                               gated_edit_start=args.gated_edit_start, attributes=args.attribute or [],
-                              edit_sweep=parse_strengths(args.edit_sweep))
+                              edit_sweep=args.edit_sweep)
     started = time.time()
     meta = {"command": " ".join(["python", "benchmarks/quality_scaling.py", *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -150,8 +150,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="quality_scaling_") as tmp:
         doc = run_scaling(args.out, args.ns, args.work or tmp, settings, seed=args.seed, components=args.components,
                           edit_components=args.edit_components,
-                          evr_k=args.evr_k, log=log, on_update=save,
-                          **({"measure": args.measure} if args.measure else {}))
+                          evr_k=args.evr_k, log=log, on_update=save, measure=args.measure or MEASUREMENTS)
     save(doc)
     from pipeline.eval.scaling import table_markdown
 

@@ -114,11 +114,13 @@ def test_cli_options_parse_and_refuse_bad_values(capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import quality_scaling
 
-    args = quality_scaling.build_parser().parse_args(["out", "--ns", "8,4", "--measure", "inversion,editing"])
-    assert args.measure == ("inversion", "editing") and args.ns == [4, 8]
-    assert quality_scaling.parse_strengths("3,4.5") == (3.0, 4.5) and quality_scaling.parse_strengths("") == ()
+    args = quality_scaling.build_parser().parse_args(["out", "--ns", "8,4", "--measure", "inversion,editing",
+                                                      "--edit-sweep", "3,4.5"])
+    assert args.measure == ("inversion", "editing") and args.ns == [4, 8] and args.edit_sweep == (3.0, 4.5)
+    assert quality_scaling.build_parser().parse_args(["out", "--ns", "8"]).edit_sweep == ()
     with pytest.raises(SystemExit):
         quality_scaling.build_parser().parse_args(["out", "--ns", "8", "--measure", "inversion,plotting"])
     assert "--measure takes a comma-separated subset" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--edit-sweep"):
-        quality_scaling.parse_strengths("3,x")
+    with pytest.raises(SystemExit):
+        quality_scaling.build_parser().parse_args(["out", "--ns", "8", "--edit-sweep", "3,x"])
+    assert "--edit-sweep takes comma-separated numbers" in capsys.readouterr().err

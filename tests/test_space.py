@@ -157,3 +157,16 @@ def test_timestep_gated_edits(space, tiny_model_dir):
     pipe.pipe.set_adapters = lambda name, *a, **k: (active.append(name), real(name, *a, **k))[1]
     img = pipe("sks person", num_inference_steps=4, height=32, width=32, output_type="np").images
     assert active == ["w2w_unedited", "w2w"] and np.isfinite(img).all()
+
+
+def test_unknown_inversion_preset_fails_before_loading_a_model(space, monkeypatch):
+    """A typo in `preset` is said at once, naming the presets, without first loading the base model."""
+    def no_load(*a, **k):
+        raise AssertionError("the base model was loaded before the preset was checked")
+
+    monkeypatch.setattr(type(space), "base_model", no_load)
+    image = torch.zeros(3, 64, 64)
+    with pytest.raises(ValueError, match="unknown inversion preset 'inn'; choose one of: in, out"):
+        space.invert(image, preset="inn")
+    with pytest.raises(ValueError, match="unknown inversion preset 'inn'"):
+        space.invert_batch(image[None], preset="inn")

@@ -299,11 +299,11 @@ class WeightSpace:
         from w2w_core.invert import invert
         from w2w_core.render import load_image
 
+        settings = self._inversion_settings(preset, overrides)  # a bad preset fails before the model loads
         base = base if base is not None else self.base_model()
         if not isinstance(image, torch.Tensor):
             image = load_image(image, base.resolution)
-        return invert(base, self.layout, self.mean, self.std, self.components, image, prompt=prompt,
-                      **self._inversion_settings(preset, overrides))
+        return invert(base, self.layout, self.mean, self.std, self.components, image, prompt=prompt, **settings)
 
     def invert_batch(self, images: torch.Tensor, *, base=None, preset: str = "in", prompt: str = "sks person",
                      **overrides):
@@ -312,9 +312,9 @@ class WeightSpace:
         Settings as `invert`, with `masks` (N, H, W) instead of `mask`."""
         from w2w_core.invert import invert_batch
 
+        settings = self._inversion_settings(preset, overrides)
         base = base if base is not None else self.base_model()
-        return invert_batch(base, self.layout, self.mean, self.std, self.components, images, prompt=prompt,
-                            **self._inversion_settings(preset, overrides))
+        return invert_batch(base, self.layout, self.mean, self.std, self.components, images, prompt=prompt, **settings)
 
     @staticmethod
     def _inversion_settings(preset: str, overrides: dict) -> dict:
