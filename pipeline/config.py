@@ -26,6 +26,10 @@ class TrainConfig:
 
     steps: int = 800
     lr: float = 1e-4
+    # diffusers' learning-rate schedules (diffusers.optimization.get_scheduler), stepped once per
+    # training step; the published recipe is constant. linear/cosine decay to 0 at `steps`.
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
     weight_decay: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -129,6 +133,7 @@ class W2WConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
     "build.trainer": ("batched", "reference", "synthetic"),
     "build.synthetic_layout": ("", "tiny", "sd15"),
     "subspace.method": ("gram", "randomized"),
@@ -148,6 +153,7 @@ POSITIVE: tuple[str, ...] = (
 )
 NON_NEGATIVE: tuple[str, ...] = (
     "train.lr",
+    "train.lr_warmup_steps",
     "train.weight_decay",
     "subspace.edit_components",
     "train.max_grad_norm",
@@ -216,6 +222,12 @@ def validate(cfg: W2WConfig) -> None:
     if not cfg.train.train_lora_a and not cfg.train.shared_init:
         raise ConfigError("train.train_lora_a=false keeps each model's lora_A at its init, so it needs train.shared_init=true "
                           "(one A for every model); otherwise the store's rows differ by their random A")
+    warmup, schedule = cfg.train.lr_warmup_steps, cfg.train.lr_scheduler
+    if warmup > 0 and schedule == "constant":
+        raise ConfigError(f"train.lr_warmup_steps={warmup} has no effect with train.lr_scheduler=constant; "
+                          "use constant_with_warmup, linear or cosine, or set lr_warmup_steps=0")
+    if warmup >= cfg.train.steps and schedule != "constant":
+        raise ConfigError(f"train.lr_warmup_steps={warmup} must be below train.steps={cfg.train.steps}")
 
 
 def _get(cfg, dotted: str):

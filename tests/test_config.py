@@ -45,6 +45,8 @@ def test_bad_choice_lists_valid_ones():
         load_config("conf/tiny.yaml", ["subspace.method=svd"])
     with pytest.raises(ConfigError, match="build.trainer"):
         load_config("conf/tiny.yaml", ["build.trainer=fast"])
+    with pytest.raises(ConfigError, match="train.lr_scheduler='step'.*constant, constant_with_warmup, linear, cosine"):
+        load_config("conf/tiny.yaml", ["train.lr_scheduler=step"])
 
 
 def test_range_checks():
@@ -54,6 +56,12 @@ def test_range_checks():
         load_config("conf/tiny.yaml", ["train.lr=-1"])
     with pytest.raises(ConfigError, match="train.train_lora_a=false.*train.shared_init=true"):
         load_config("conf/tiny.yaml", ["train.train_lora_a=false", "train.shared_init=false"])
+    with pytest.raises(ConfigError, match="lr_warmup_steps=10 has no effect with train.lr_scheduler=constant"):
+        load_config("conf/tiny.yaml", ["train.lr_warmup_steps=10"])
+    with pytest.raises(ConfigError, match="lr_warmup_steps=500 must be below train.steps=500"):
+        load_config("conf/tiny.yaml", ["train.lr_scheduler=cosine", "train.lr_warmup_steps=500", "train.steps=500"])
+    with pytest.raises(ConfigError, match="train.lr_warmup_steps must be >= 0"):
+        load_config("conf/tiny.yaml", ["train.lr_warmup_steps=-1"])
 
 
 def test_bad_yaml_file(tmp_path):

@@ -22,6 +22,7 @@ from pipeline.train.common import (
     identity_generator,
     identity_losses,
     init_lora_A,
+    make_lr_scheduler,
     noisy_inputs,
     step_inputs,
 )
@@ -99,6 +100,7 @@ def _train_group(base, unet, layout, linears, train_cfg, group, ctx, options) ->
             weight_decay=train_cfg.weight_decay,
             **({"fused": True} if options.fused_adam and device.type == "cuda" else {}),
         )
+        lr_scheduler = make_lr_scheduler(optimizer, train_cfg)
         model = unet
         if options.channels_last:
             unet.to(memory_format=torch.channels_last)
@@ -155,6 +157,7 @@ def _train_group(base, unet, layout, linears, train_cfg, group, ctx, options) ->
             if train_cfg.max_grad_norm > 0:
                 per_identity_clip_(params, train_cfg.max_grad_norm)
             optimizer.step()
+            lr_scheduler.step()
         check(pending)
 
         hist = torch.stack(loss_hist).cpu() if loss_hist else torch.zeros(0, K)

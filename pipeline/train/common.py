@@ -142,6 +142,14 @@ def load_class_latents(path: str | Path) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- per-identity randomness
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, train_cfg):
+    """train.lr_scheduler as diffusers' training scripts build it; one `.step()` per training step."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(train_cfg.lr_scheduler, optimizer, num_warmup_steps=int(train_cfg.lr_warmup_steps),
+                         num_training_steps=int(train_cfg.steps))
+
+
 def identity_generator(train_seed: int, identity_seed: int) -> torch.Generator:
     """A CPU generator that depends only on (train.seed, identity seed)."""
     digest = hashlib.sha256(f"w2w-train:{int(train_seed)}:{int(identity_seed)}".encode()).digest()

@@ -19,6 +19,7 @@ from pipeline.train.common import (
     identity_losses,
     init_lora_A,
     is_finite,
+    make_lr_scheduler,
     noisy_inputs,
     step_inputs,
 )
@@ -90,6 +91,7 @@ def _train(base, unet, layout, train_cfg, prepared, ctx, sync_loss) -> TrainResu
         eps=train_cfg.adam_eps,
         weight_decay=train_cfg.weight_decay,
     )
+    lr_scheduler = make_lr_scheduler(optimizer, train_cfg)
     with_prior = ctx.class_latents is not None
     sampler = IdentitySampler(gen, prepared.latents.shape[0], ctx.class_latents.shape[0] if with_prior else 0,
                               train_cfg.batch_size, base.scheduler.config.num_train_timesteps)
@@ -109,6 +111,7 @@ def _train(base, unet, layout, train_cfg, prepared, ctx, sync_loss) -> TrainResu
         if train_cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
         optimizer.step()
+        lr_scheduler.step()
         losses.append(value)
     state = peft.get_peft_model_state_dict(unet, adapter_name=ADAPTER)
     return TrainResult.ok(prepared.identity_id, layout.flatten(state), losses)
