@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "else all K); capped at each N's K")
     ap.add_argument("--evr-k", type=int, default=10, help="report the explained variance of the first K PCs (default 10)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    # the report's settings (pipeline.eval.report.ReportSettings); defaults are the report's
+    # the report's settings (pipeline.eval.settings.ReportSettings), at the smaller sizes the scaling runs used
     ap.add_argument("--sample-models", type=int, default=8)
     ap.add_argument("--edit-models", type=int, default=8)
     ap.add_argument("--invert-identities", type=int, default=4)
