@@ -57,7 +57,7 @@ def test_range_checks():
     with pytest.raises(ConfigError, match="train.train_lora_a=false.*train.shared_init=true"):
         load_config("conf/tiny.yaml", ["train.train_lora_a=false", "train.shared_init=false"])
     with pytest.raises(ConfigError, match="lr_warmup_steps=10 has no effect with train.lr_scheduler=constant"):
-        load_config("conf/tiny.yaml", ["train.lr_warmup_steps=10"])
+        load_config("conf/tiny.yaml", ["train.lr_scheduler=constant", "train.lr_warmup_steps=10"])
     with pytest.raises(ConfigError, match="lr_warmup_steps=500 must be below train.steps=500"):
         load_config("conf/tiny.yaml", ["train.lr_scheduler=cosine", "train.lr_warmup_steps=500", "train.steps=500"])
     with pytest.raises(ConfigError, match="train.lr_warmup_steps must be >= 0"):
