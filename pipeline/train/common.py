@@ -141,7 +141,7 @@ def load_class_latents(path: str | Path) -> torch.Tensor:
         return f.get_tensor(CLASS_LATENTS_KEY)
 
 
-# ---------------------------------------------------------------------- per-identity randomness
+# ---------------------------------------------------------------------- optimisation
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, train_cfg):
     """train.lr_scheduler as diffusers' training scripts build it; one `.step()` per training step."""
     from diffusers.optimization import get_scheduler
@@ -150,6 +150,7 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, train_cfg):
                          num_training_steps=int(train_cfg.steps))
 
 
+# ---------------------------------------------------------------------- per-identity randomness
 def identity_generator(train_seed: int, identity_seed: int) -> torch.Generator:
     """A CPU generator that depends only on (train.seed, identity seed)."""
     digest = hashlib.sha256(f"w2w-train:{int(train_seed)}:{int(identity_seed)}".encode()).digest()
