@@ -226,7 +226,7 @@ def validate(cfg: W2WConfig) -> None:
     if warmup > 0 and schedule == "constant":
         raise ConfigError(f"train.lr_warmup_steps={warmup} has no effect with train.lr_scheduler=constant; "
                           "use constant_with_warmup, linear or cosine, or set lr_warmup_steps=0")
-    if warmup >= cfg.train.steps and schedule != "constant":
+    if warmup >= cfg.train.steps:
         raise ConfigError(f"train.lr_warmup_steps={warmup} must be below train.steps={cfg.train.steps}")
 
 

@@ -10,7 +10,8 @@ class ReportSettings:
     # and the samples' attribute confidence varied by about ±0.02 between 8-sample draws (docs/RESULTS.md).
     sample_models: int = 16
     # 16, not 8: with 8 a success of 0.90 needs all 8 (7 of 8 is 0.875), and the mean ID of 8 edited models
-    # moved by about 0.04 between two builds of equal fidelity (docs/TINY_WORLD.md, "Tried"); 16 cost ~40 s.
+    # moved by about 0.04 between two builds of equal fidelity (docs/TINY_WORLD.md, "A decaying learning
+    # rate"); 16 cost ~40 s.
     edit_models: int = 16
     edit_strength: float = 2.0  # in units of the calibrated sigma of each direction
     # Further strengths measured for the target attributes (EDIT_TARGET_ATTRIBUTES): the success / ID
