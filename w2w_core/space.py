@@ -293,7 +293,7 @@ class WeightSpace:
 
         `image` is a path, a PIL image or a (3, H, W) tensor in [-1, 1]. `preset` is "in"
         (10,000-PC style, lr 0.1, 400 steps) or "out" (1,000 PCs, lr 1.0, 800 steps); keyword
-        overrides (n_components, steps, lr, weight_decay, mask, seed, progress) win over it.
+        overrides (n_components, steps, lr, lr_schedule, weight_decay, mask, seed, progress) win over it.
         The number of PCs is capped by what the space has.
         """
         from w2w_core.invert import invert

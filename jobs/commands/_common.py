@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+# w2w_core.invert.LR_SCHEDULES, spelled out so that `--help` does not import torch (a test keeps them equal).
+INVERSION_LR_SCHEDULES = ("constant", "cosine")
+
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (conf/tiny.yaml, conf/sd15.yaml, or your own)")

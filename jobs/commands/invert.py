@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.commands._common import (add_force_argument, add_lora_format_argument, add_render_arguments, prompts_of,
+from jobs.commands._common import (INVERSION_LR_SCHEDULES, add_force_argument, add_lora_format_argument, add_render_arguments, prompts_of,
                                    refuse_existing, save_png, unique_dir)
 
 
@@ -16,6 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--components", "-k", type=int, default=None, help="PCs to optimise (overrides the preset)")
     parser.add_argument("--steps", type=int, default=None, help="optimisation steps (overrides the preset)")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (overrides the preset)")
+    parser.add_argument("--lr-schedule", choices=INVERSION_LR_SCHEDULES, default=None,
+                        help="how the lr moves over the steps: constant (the presets, as published) or cosine "
+                             "(decays to 0 by the last step; with a larger --lr it inverts the tiny world better, "
+                             "as `w2w report` does: docs/TINY_WORLD.md)")
     parser.add_argument("--mask", default=None, help="optional mask image (white = counts in the loss), e.g. a face mask")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet call: on a GPU at SD1.5 shape 1.6x faster steps (57 -> 32 s for "
@@ -59,7 +63,7 @@ def run(args) -> int:
         refuse_existing(args.save_lora, args.force, "pass another --save-lora DIR")
     lora_dir = Path(args.save_lora) if args.save_lora else unique_dir(Path(args.out) / "inversions" / Path(args.image).stem)
     result = space.invert(image, base=base, preset=args.preset, n_components=args.components, steps=args.steps,
-                          lr=args.lr, mask=mask, seed=args.seed, progress=progress, compile=args.compile or None)
+                          lr=args.lr, lr_schedule=args.lr_schedule, mask=mask, seed=args.seed, progress=progress, compile=args.compile or None)
     space.save_lora(result.vector, lora_dir, format=args.lora_format)
     space.layout.save(result.vector, lora_dir / "w2w_model.safetensors", metadata={"source_image": str(args.image)})
     save_file({"coefficients": result.coefficients.contiguous()}, str(lora_dir / "coefficients.safetensors"))

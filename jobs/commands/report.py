@@ -5,6 +5,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jobs.commands._common import INVERSION_LR_SCHEDULES
     from pipeline.eval.settings import ReportSettings
 
     d = ReportSettings()  # the defaults live there, once
@@ -22,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"training models whose renders are compared with their identity's images (default {d.fidelity_models})")
     parser.add_argument("--invert-lr", type=float, default=d.invert_lr,
                         help=f"Adam lr of the inversion over PC coefficients (default {d.invert_lr:g}; see ReportSettings.invert_lr)")
+    parser.add_argument("--invert-lr-schedule", choices=INVERSION_LR_SCHEDULES, default=d.invert_lr_schedule,
+                        help=f"how the inversion's lr moves over its steps (default {d.invert_lr_schedule}: decays to 0 "
+                             "by the last step; constant is the published recipe)")
+    parser.add_argument("--lora-baseline-lr-scale", type=float, default=d.lora_baseline_lr_scale,
+                        help=f"the single-image LoRA baseline trains with the build's recipe at this multiple of its lr "
+                             f"(default {d.lora_baseline_lr_scale:g}; see ReportSettings.lora_baseline_lr_scale)")
     parser.add_argument("--edit-strength", type=float, default=d.edit_strength,
                         help=f"edit strength in calibrated standard deviations of each direction (default {d.edit_strength:g})")
     sweep = ",".join(f"{s:g}" for s in d.edit_sweep)
@@ -50,6 +57,8 @@ def run(args) -> int:
         invert_identities=args.invert_identities,
         invert_steps=args.invert_steps,
         invert_lr=args.invert_lr,
+        invert_lr_schedule=args.invert_lr_schedule,
+        lora_baseline_lr_scale=args.lora_baseline_lr_scale,
         render_steps=args.render_steps,
         edit_strength=args.edit_strength,
         edit_sweep=edit_sweep,

@@ -307,7 +307,8 @@ def measure_inversion(space, store, base, evaluators, settings: ReportSettings, 
         lora_fits = single_image_loras(base, space.layout, store, settings, range(settings.invert_identities))
     identity_images = [heldout_images(settings, h) for h in range(settings.invert_identities)]
     results = space.invert_batch(torch.stack([images[0] for images in identity_images]), steps=settings.invert_steps,
-                                 lr=settings.invert_lr, seed=settings.seed, base=base) if identity_images else []
+                                 lr=settings.invert_lr, lr_schedule=settings.invert_lr_schedule, seed=settings.seed,
+                                 base=base) if identity_images else []
     fits = [(images, result, *lora_fits[h]) for h, (images, result) in enumerate(zip(identity_images, results))]
     render = Renderer(base, space.layout, settings.render_steps)
     zero = torch.zeros(space.layout.numel)
@@ -329,6 +330,7 @@ def measure_inversion(space, store, base, evaluators, settings: ReportSettings, 
         inv_rows.append([tensor_to_pil(images[0])] + [tensor_to_pil(x) for x in renders] + [tensor_to_pil(x) for x in lora_renders])
     numbers = {k: float(np.mean(v)) for k, v in inv_stats.items()}
     numbers["per_identity"] = {"w2w": inv_stats["w2w"], "lora": inv_stats["lora"]}
+    numbers["components"] = results[0].components if results else 0
     grid(inv_rows, row_labels=[f"held-out {h}" for h in range(len(inv_rows))],
          col_labels=["input", "w2w s0", "w2w s1", "w2w s2", "LoRA s0", "LoRA s1", "LoRA s2"]).save(report_dir / "inversion.png")
     return numbers
@@ -343,12 +345,12 @@ def heldout_images(settings: ReportSettings, h: int) -> torch.Tensor:
 
 def single_image_loras(base, layout, store, settings: ReportSettings, identities) -> list:
     """The inversion baseline: a LoRA trained on image 0 of each held-out identity in `identities` with the
-    build's recipe and the inversion's step budget, all in one batched training (as the build trains them)
-    -> [(fit, seconds per identity)]."""
+    build's recipe at the inversion's step budget and `lora_baseline_lr_scale` x the build's lr, all in one
+    batched training (as the build trains them) -> [(fit, seconds per identity)]."""
     from pipeline.config import from_dict
     from pipeline.train import IdentityInput, load_class_latents, train_identities
 
-    train_cfg = _with_steps(from_dict(store.attrs["config"]).train, settings.invert_steps)
+    train_cfg = _baseline_recipe(from_dict(store.attrs["config"]).train, settings)
     class_latents = load_class_latents(store.class_latents_path) if train_cfg.prior_loss_weight > 0 else None
     inputs = [IdentityInput(f"heldout{h}", heldout_images(settings, h)[:1], seed=h) for h in identities]
     t0 = time.perf_counter()
@@ -432,10 +434,11 @@ def lora_effect(render, space, vectors: list[torch.Tensor]) -> dict[str, float]:
     return {"model_vs_base": vs_base, "model_vs_model": between}
 
 
-def _with_steps(train_cfg, steps: int):
+def _baseline_recipe(train_cfg, settings: ReportSettings):
+    """The build's training config at the inversion's steps and the baseline's lr (ReportSettings)."""
     import dataclasses
 
-    return dataclasses.replace(train_cfg, steps=steps)
+    return dataclasses.replace(train_cfg, steps=settings.invert_steps, lr=train_cfg.lr * settings.lora_baseline_lr_scale)
 
 
 def _scatter(space, attribute: str | None, path: Path) -> None:
@@ -518,7 +521,11 @@ def _markdown(numbers: dict, attributes: list[str]) -> list[str]:
         "## Inversion", "",
         f"Held-out identities: {numbers['settings']['invert_identities']} (never in the build), one image each. ID similarity "
         f"of renders to the identity's other images. {_spread_words(inv)}, so a mean over a few is rough "
-        "(`w2w report --invert-identities` sets how many).", "",
+        "(`w2w report --invert-identities` sets how many). The inversion: "
+        f"{numbers['settings']['invert_steps']} Adam steps over {inv.get('components', 'all')} PCs, "
+        f"lr {numbers['settings']['invert_lr']:g} ({numbers['settings'].get('invert_lr_schedule', 'constant')}); "
+        f"the LoRA: the build's training recipe for the same number of steps at "
+        f"{numbers['settings'].get('lora_baseline_lr_scale', 1.0):g}x its lr.", "",
         "| method | ID similarity | seconds per identity |", "|---|---|---|",
         f"| w2w inversion (all {numbers['settings']['invert_identities']} fitted in one batch) | {inv['w2w']:.3f} | {inv['w2w_seconds']:.1f} |",
         f"| single-image LoRA, same step budget (all {numbers['settings']['invert_identities']} trained in one batch) | {inv['lora']:.3f} | {inv['lora_seconds']:.1f} |",
