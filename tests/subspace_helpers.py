@@ -34,7 +34,7 @@ def planted_data(n: int, d: int, rank: int = 6, noise: float = 0.05, seed: int =
 
 
 def write_space(out, n: int, k: int, seed: int = 3, scale: float = 1.0, quarantine: dict | None = None,
-                disentangle: dict | None = None) -> np.ndarray:
+                disentangle: dict | None = None, config: dict | None = None) -> np.ndarray:
     """A planted store at `out` (rows scaled by `scale`) with its subspace (K=k, gram) and attribute
     directions; a space `WeightSpace.load(out)` opens, on the builtin tiny model. Returns the rows."""
     from pipeline.subspace.directions import compute_directions
@@ -42,7 +42,7 @@ def write_space(out, n: int, k: int, seed: int = 3, scale: float = 1.0, quaranti
 
     x, labels, _ = planted_data(n, tiny_layout().numel, rank=8, noise=0.1, seed=seed)
     x = x * np.float32(scale)
-    write_store(out, x, labels, rows_per_shard=16, quarantine=quarantine)
+    write_store(out, x, labels, rows_per_shard=16, quarantine=quarantine, config=config)
     compute_subspace(str(out), k, method="gram", progress=None)
     compute_directions(str(out), disentangle=disentangle or {}, progress=lambda m: None)
     return x

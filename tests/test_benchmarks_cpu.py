@@ -77,3 +77,26 @@ def test_tiny_batch_size_times_each_k(tmp_path):
     assert all(len(r["ms_per_identity_step"]) == 1 and r["ms_per_identity_step"][0] > 0 for r in result["rows"])
     assert result["rows"][0]["speedup_vs_first"] == 1.0
     assert json.loads(out.read_text())["rows"] == result["rows"]
+
+
+def test_inversion_study_pairs_every_fit_on_the_same_identities(tmp_path):
+    """benchmarks/inversion_study.py on a planted space (a real 60k-model-like space cannot be trained here; the
+    study's numbers in docs/TINY_WORLD.md come from the demo space): each w2w setting and each LoRA baseline fits the
+    same held-out identities and is scored per identity, so the table's differences are paired."""
+    import inversion_study
+    from subspace_helpers import write_space
+
+    space = tmp_path / "space"
+    write_space(space, n=24, k=6, config={"model": {"path": "builtin:tiny"}, "train": {"prior_loss_weight": 0.0}})
+    jsonl = tmp_path / "study.jsonl"
+    rows = inversion_study.main([str(space), "--identities", "2", "--offset", "3", "--steps", "3", "--threads", "1",
+                                 "--w2w", "constant:1,cosine:4", "--lora-lr-scales", "1,4", "--out", str(jsonl)])
+    assert [(r["method"], r.get("lr_schedule"), r.get("lr_scale")) for r in rows] == [
+        ("w2w", "constant", None), ("w2w", "cosine", None), ("lora", None, 1.0), ("lora", None, 4.0)]
+    assert all(r["identities"] == [3, 2] and r["steps"] == 3 and len(r["per_identity"]) == 2 for r in rows)
+    assert all(-1.0 <= s <= 1.0 for r in rows for s in r["per_identity"])
+    assert rows[0]["coefficient_norm"] != rows[1]["coefficient_norm"], "the two w2w settings made the same fit"
+    assert rows[2]["per_identity"] != rows[3]["per_identity"], "the lr scale did not reach the LoRA baseline"
+    assert [json.loads(line) for line in jsonl.read_text().splitlines()] == rows
+    with pytest.raises(SystemExit, match="SCHEDULE:LR"):
+        inversion_study.main([str(space), "--w2w", "linear:2"])

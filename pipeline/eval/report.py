@@ -318,15 +318,14 @@ def measure_inversion(space, store, base, evaluators, settings: ReportSettings, 
     inv_rows, inv_stats = [], {"w2w": [], "lora": [], "w2w_seconds": [], "lora_seconds": [], "same_identity_real": [], "other_identity_real": []}
     for h, (images, result, single, lora_seconds) in enumerate(fits):
         other = to_tensor(render_identity(settings.heldout_seed + 1, h, 1))
-        target = evaluators.embed(images[1:])  # the other images of this identity
         renders = all_renders[h]
-        inv_stats["w2w"].append(_cos(evaluators.embed(renders)[:, None], target[None]).mean().item())
+        inv_stats["w2w"].append(id_similarity(evaluators, renders, images))
         inv_stats["w2w_seconds"].append(result.seconds)
         inv_stats["lora_seconds"].append(lora_seconds)
         lora_renders = all_renders[len(fits) + h] if single.vector is not None else renders * 0
-        inv_stats["lora"].append(_cos(evaluators.embed(lora_renders)[:, None], target[None]).mean().item())
-        inv_stats["same_identity_real"].append(_cos(evaluators.embed(images[:1]), target).mean().item())
-        inv_stats["other_identity_real"].append(_cos(evaluators.embed(other), target).mean().item())
+        inv_stats["lora"].append(id_similarity(evaluators, lora_renders, images))
+        inv_stats["same_identity_real"].append(id_similarity(evaluators, images[:1], images))
+        inv_stats["other_identity_real"].append(id_similarity(evaluators, other, images))
         inv_rows.append([tensor_to_pil(images[0])] + [tensor_to_pil(x) for x in renders] + [tensor_to_pil(x) for x in lora_renders])
     numbers = {k: float(np.mean(v)) for k, v in inv_stats.items()}
     numbers["per_identity"] = {"w2w": inv_stats["w2w"], "lora": inv_stats["lora"]}
@@ -334,6 +333,12 @@ def measure_inversion(space, store, base, evaluators, settings: ReportSettings, 
     grid(inv_rows, row_labels=[f"held-out {h}" for h in range(len(inv_rows))],
          col_labels=["input", "w2w s0", "w2w s1", "w2w s2", "LoRA s0", "LoRA s1", "LoRA s2"]).save(report_dir / "inversion.png")
     return numbers
+
+
+def id_similarity(evaluators, renders: torch.Tensor, images: torch.Tensor) -> float:
+    """How much `renders` look like the held-out identity of `images` (heldout_images): mean cosine of their
+    embeddings to those of its images 1..5, the ones no fit saw."""
+    return _cos(evaluators.embed(renders)[:, None], evaluators.embed(images[1:])[None]).mean().item()
 
 
 def heldout_images(settings: ReportSettings, h: int) -> torch.Tensor:
