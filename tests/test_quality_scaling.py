@@ -124,3 +124,21 @@ def test_cli_options_parse_and_refuse_bad_values(capsys):
     with pytest.raises(SystemExit):
         quality_scaling.build_parser().parse_args(["out", "--ns", "8", "--edit-sweep", "3,x"])
     assert "--edit-sweep takes comma-separated numbers" in capsys.readouterr().err
+
+
+def test_bad_inversion_settings_refused_before_any_work(tmp_path):
+    """A report or curve with an unknown inversion schedule or a non-positive baseline lr would fail minutes in,
+    at its inversion: both refuse it first, naming the setting, and write nothing."""
+    import pytest
+
+    from pipeline.eval.report import write_report
+    from pipeline.eval.scaling import run_scaling
+    from pipeline.eval.settings import ReportSettings
+
+    for bad, match in [(dict(invert_lr_schedule="linear"), "invert_lr_schedule 'linear'.*constant, cosine"),
+                       (dict(lora_baseline_lr_scale=0.0), "lora_baseline_lr_scale must be > 0")]:
+        with pytest.raises(ValueError, match=match):
+            write_report(tmp_path / "space", ReportSettings(**bad))
+        with pytest.raises(ValueError, match=match):
+            run_scaling(tmp_path / "space", [4], tmp_path / "work", ReportSettings(**bad), log=lambda m: None)
+    assert not list(tmp_path.iterdir()), "a refused run left files behind"

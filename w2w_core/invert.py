@@ -29,7 +29,7 @@ PRESETS: dict[str, dict] = {
 }
 # How the Adam lr moves over the steps. The published inversion keeps it constant; "cosine" decays it to 0 by
 # the last step, so the fit ends settled instead of jittering by about lr per step (in the tiny world a cosine
-# from lr 4 beat constant lr 1, the report's old setting, by +0.035 ID over 32 held-out identities;
+# from lr 4 beat constant lr 1, the report's old setting, by +0.034 ID over 32 held-out identities;
 # docs/TINY_WORLD.md, "A decaying learning rate for the inversion").
 LR_SCHEDULES = ("constant", "cosine")
 

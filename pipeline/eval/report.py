@@ -59,7 +59,7 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
     from pipeline.eval.evaluators import load_evaluators
     from w2w_core.space import WeightSpace
 
-    settings = settings or ReportSettings()
+    settings = check_settings(settings or ReportSettings())
     out = Path(out)
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +115,19 @@ def write_report(out: str | Path, settings: ReportSettings | None = None, log=pr
     path.write_text("\n".join(md) + "\n")
     log(f"report: written to {path} in {numbers['seconds']:.0f}s")
     return path
+
+
+def check_settings(settings: ReportSettings) -> ReportSettings:
+    """Refuse inversion settings that would only fail minutes into a report, at its inversion."""
+    from w2w_core.invert import LR_SCHEDULES
+
+    if settings.invert_lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"ReportSettings.invert_lr_schedule {settings.invert_lr_schedule!r} is unknown; "
+                         f"choose one of: {', '.join(LR_SCHEDULES)}")
+    if not settings.lora_baseline_lr_scale > 0:
+        raise ValueError(f"ReportSettings.lora_baseline_lr_scale must be > 0 (a multiple of the build's lr), "
+                         f"got {settings.lora_baseline_lr_scale}")
+    return settings
 
 
 def measure_sampling(space, evaluators, render, true_vector, settings: ReportSettings, report_dir: Path) -> dict:

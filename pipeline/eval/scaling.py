@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.eval.report import EDIT_TARGET_ATTRIBUTES, TARGETS
+from pipeline.eval.report import EDIT_TARGET_ATTRIBUTES, TARGETS, check_settings
 from pipeline.eval.settings import ReportSettings
 
 # What run_scaling can measure per N (its `measure`); fidelity runs once, whatever N.
@@ -135,7 +135,7 @@ def run_scaling(
     from pipeline.subspace.pca import compute_subspace
     from w2w_core.space import WeightSpace
 
-    settings = settings or ReportSettings()
+    settings = check_settings(settings or ReportSettings())
     out, work = Path(out), Path(work)
     ns = sorted(set(int(n) for n in ns))
     store = WeightStore.open(str(out), mode="r")

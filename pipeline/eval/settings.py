@@ -25,16 +25,16 @@ class ReportSettings:
     # Adam moves each coefficient by about lr per step; a space's coefficient spread (coef_std) sets how far
     # a fit must go. The tiny space's coefficients spread 20-40 per PC, so 200 steps at the published 0.1
     # reach under one sd (measured: coefficient norm 47 vs ~200 for training models); 1.0 (the published
-    # "out" preset's lr) reaches their scale. A cosine decay from 4 reaches it and then settles: +0.035 ID
+    # "out" preset's lr) reaches their scale. A cosine decay from 4 reaches it and then settles: +0.034 ID
     # (25 of 32 held-out identities up) over constant 1.0 at the same 200 steps; peaks 3-6 were within 0.01
-    # of each other, constant 2-3 and cosine 1 no better than constant 1 (docs/TINY_WORLD.md, "A decaying
-    # learning rate for the inversion").
+    # of each other, constant 2-3 within 0.01 of constant 1 and cosine from 1 below it (docs/TINY_WORLD.md,
+    # "A decaying learning rate for the inversion").
     invert_lr: float = 4.0
     invert_lr_schedule: str = "cosine"  # w2w_core.invert.LR_SCHEDULES
     # The single-image LoRA baseline: the build's recipe at the inversion's steps, at this multiple of the
     # build's lr. Tuned as the inversion was, so the ratio compares two tuned fits: at 200 steps on one image
-    # (the build trains 400 on ten) 2x and 4x the tiny build's lr gave 0.576 and 0.576 ID against 0.548 at 1x
-    # (16 held-out identities).
+    # (the build trains 400 on ten) 2x and 4x the tiny build's lr gave 0.580 and 0.574 ID against 0.561 at 1x
+    # (32 held-out identities).
     lora_baseline_lr_scale: float = 2.0
     gated_edit_start: float = 0.4  # timestep-gated edits measured next to plain ones (0 = skip)
     fidelity_models: int = 16  # training models whose renders are compared with their own identity's images
