@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from pipeline.builder.store import WeightStore
     from pipeline.eval.evaluators import load_evaluators
-    from pipeline.eval.report import INSTANCE_PROMPT, Renderer, heldout_images, id_similarity, single_image_loras
+    from pipeline.eval.report import (INSTANCE_PROMPT, Renderer, heldout_images, heldout_target, id_similarity,
+                                      single_image_loras)
     from pipeline.eval.settings import ReportSettings
     from w2w_core.space import WeightSpace
 
@@ -74,10 +75,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     evaluators = load_evaluators()
     render = Renderer(base, space.layout, settings.render_steps)
     images = [heldout_images(settings, h) for h in identities]
+    targets = [heldout_target(evaluators, im) for im in images]  # once: every variant is scored against them
 
     def scores(vectors) -> list[float]:
         renders = render.many(vectors, [INSTANCE_PROMPT] * 3, [0, 1, 2])
-        return [id_similarity(evaluators, renders[i], images[i]) for i in range(len(vectors))]
+        return [id_similarity(evaluators, renders[i], targets[i]) for i in range(len(vectors))]
 
     rows = []
 

@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     space = WeightSpace.load(args.out)
     base = space.base_model()
     images = torch.stack([heldout_images(settings, h)[0] for h in range(args.identities)])
-    fit = dict(steps=args.steps, lr=settings.invert_lr, lr_schedule=settings.invert_lr_schedule, seed=settings.seed, base=base)
+    fit = dict(steps=args.steps, lr=settings.invert_lr, lr_schedule=settings.invert_lr_schedule, seed=settings.seed,
+               base=base)
 
     started = time.perf_counter()
     alone = [space.invert(image, **fit) for image in images]

@@ -129,7 +129,8 @@ def test_cosine_lr_schedule_decays_the_steps(setup, monkeypatch):
 
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
     decayed = invert(base, layout, mean, std, components, image, steps=5, lr=2.0, lr_schedule="cosine", seed=2)
-    torch.testing.assert_close(torch.tensor(seen), torch.tensor([2.0 * (1 + math.cos(math.pi * t / 5)) / 2 for t in range(5)]))
+    expected = [2.0 * (1 + math.cos(math.pi * t / 5)) / 2 for t in range(5)]
+    torch.testing.assert_close(torch.tensor(seen), torch.tensor(expected))
     seen.clear()
     constant = invert(base, layout, mean, std, components, image, steps=5, lr=2.0, seed=2)
     assert seen == [2.0] * 5

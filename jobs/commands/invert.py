@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.commands._common import (INVERSION_LR_SCHEDULES, add_force_argument, add_lora_format_argument, add_render_arguments, prompts_of,
-                                   refuse_existing, save_png, unique_dir)
+from jobs.commands._common import (INVERSION_LR_SCHEDULES, add_force_argument, add_lora_format_argument,
+                                   add_render_arguments, prompts_of, refuse_existing, save_png, unique_dir)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +63,8 @@ def run(args) -> int:
         refuse_existing(args.save_lora, args.force, "pass another --save-lora DIR")
     lora_dir = Path(args.save_lora) if args.save_lora else unique_dir(Path(args.out) / "inversions" / Path(args.image).stem)
     result = space.invert(image, base=base, preset=args.preset, n_components=args.components, steps=args.steps,
-                          lr=args.lr, lr_schedule=args.lr_schedule, mask=mask, seed=args.seed, progress=progress, compile=args.compile or None)
+                          lr=args.lr, lr_schedule=args.lr_schedule, mask=mask, seed=args.seed, progress=progress,
+                          compile=args.compile or None)
     space.save_lora(result.vector, lora_dir, format=args.lora_format)
     space.layout.save(result.vector, lora_dir / "w2w_model.safetensors", metadata={"source_image": str(args.image)})
     save_file({"coefficients": result.coefficients.contiguous()}, str(lora_dir / "coefficients.safetensors"))

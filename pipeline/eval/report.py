@@ -331,14 +331,15 @@ def measure_inversion(space, store, base, evaluators, settings: ReportSettings, 
     inv_rows, inv_stats = [], {"w2w": [], "lora": [], "w2w_seconds": [], "lora_seconds": [], "same_identity_real": [], "other_identity_real": []}
     for h, (images, result, single, lora_seconds) in enumerate(fits):
         other = to_tensor(render_identity(settings.heldout_seed + 1, h, 1))
+        target = heldout_target(evaluators, images)
         renders = all_renders[h]
-        inv_stats["w2w"].append(id_similarity(evaluators, renders, images))
+        inv_stats["w2w"].append(id_similarity(evaluators, renders, target))
         inv_stats["w2w_seconds"].append(result.seconds)
         inv_stats["lora_seconds"].append(lora_seconds)
         lora_renders = all_renders[len(fits) + h] if single.vector is not None else renders * 0
-        inv_stats["lora"].append(id_similarity(evaluators, lora_renders, images))
-        inv_stats["same_identity_real"].append(id_similarity(evaluators, images[:1], images))
-        inv_stats["other_identity_real"].append(id_similarity(evaluators, other, images))
+        inv_stats["lora"].append(id_similarity(evaluators, lora_renders, target))
+        inv_stats["same_identity_real"].append(id_similarity(evaluators, images[:1], target))
+        inv_stats["other_identity_real"].append(id_similarity(evaluators, other, target))
         inv_rows.append([tensor_to_pil(images[0])] + [tensor_to_pil(x) for x in renders] + [tensor_to_pil(x) for x in lora_renders])
     numbers = {k: float(np.mean(v)) for k, v in inv_stats.items()}
     numbers["per_identity"] = {"w2w": inv_stats["w2w"], "lora": inv_stats["lora"]}
@@ -348,10 +349,16 @@ def measure_inversion(space, store, base, evaluators, settings: ReportSettings, 
     return numbers
 
 
-def id_similarity(evaluators, renders: torch.Tensor, images: torch.Tensor) -> float:
-    """How much `renders` look like the held-out identity of `images` (heldout_images): mean cosine of their
-    embeddings to those of its images 1..5, the ones no fit saw."""
-    return _cos(evaluators.embed(renders)[:, None], evaluators.embed(images[1:])[None]).mean().item()
+def heldout_target(evaluators, images: torch.Tensor) -> torch.Tensor:
+    """The embeddings a fit of held-out identity `images` (heldout_images) is scored against: its images 1..5,
+    the ones no fit saw."""
+    return evaluators.embed(images[1:])
+
+
+def id_similarity(evaluators, renders: torch.Tensor, target: torch.Tensor) -> float:
+    """How much `renders` look like a held-out identity: mean cosine of their embeddings to its `target`
+    (heldout_target)."""
+    return _cos(evaluators.embed(renders)[:, None], target[None]).mean().item()
 
 
 def heldout_images(settings: ReportSettings, h: int) -> torch.Tensor:
