@@ -236,19 +236,6 @@ def build_app(explorer: Explorer):
 
     space, attributes = explorer.space, explorer.attributes
 
-    class StrengthSlider(gr.Slider):
-        """A slider whose number box can hold no number: while a user types "-2" it holds "-", and
-        leaving it empty sends None. Gradio's own slider refuses None with a type error about its
-        internals; this one names the slider and what to type."""
-
-        def get_block_name(self) -> str:
-            return "slider"  # the same widget in the page (Gradio's documented override)
-
-        def preprocess(self, payload):
-            if payload is None:
-                raise gr.Error(f"{self.label}: type a number from {self.minimum:g} to {self.maximum:g}")
-            return super().preprocess(payload)
-
     def guarded(fn):
         """Known input errors become a message in the page (gr.Error), never a stack trace. functools.wraps
         keeps fn's signature visible: Gradio reads it to pass a live gr.Progress to do_invert."""
@@ -355,8 +342,8 @@ def build_app(explorer: Explorer):
                 with gr.Row():
                     with gr.Column(scale=1):
                         for name in attributes:
-                            sliders.append(StrengthSlider(-SLIDER_RANGE, SLIDER_RANGE, value=0.0, step=0.25,
-                                                          label=f"{name} (calibrated σ)", elem_id=f"slider-{name}"))
+                            sliders.append(gr.Slider(-SLIDER_RANGE, SLIDER_RANGE, value=0.0, step=0.25,
+                                                     label=f"{name} (calibrated σ)", elem_id=f"slider-{name}"))
                         if not attributes:
                             gr.Markdown("No attribute directions in this space: run `w2w directions` first.")
                     with gr.Column(scale=2):

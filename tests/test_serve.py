@@ -122,11 +122,10 @@ def browser(server, downloads):
     driver.quit()
 
 
-def _wait(driver, condition, what: str, timeout: float = WAIT_S, check_errors: bool = True):
+def _wait(driver, condition, what: str, timeout: float = WAIT_S):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check_errors:
-            _no_error(driver)
+        _no_error(driver)
         try:
             value = condition()
         except StaleElementReferenceException:  # the page re-rendered that element meanwhile: look again
@@ -216,10 +215,10 @@ def test_slider_edit_changes_the_image(browser, space):
     _screenshot(browser, "edit")
 
 
-def test_half_typed_and_empty_strengths(browser):
+def test_half_typed_strength_is_no_error(browser):
     # A negative strength typed key by key holds "-" for a moment, which is no number: that once reached
     # the page's label handler as None and showed a type error (a flaky CI failure under load). Here the
-    # pause is made long on purpose. An emptied box, left, must name the slider rather than Gradio's internals.
+    # pause is made long on purpose.
     _tab(browser, "Edit")
     box = browser.find_element(By.CSS_SELECTOR, f"#slider-{EDIT} input[type=number]")
     box.send_keys(Keys.CONTROL, "a")
@@ -230,18 +229,6 @@ def test_half_typed_and_empty_strengths(browser):
         time.sleep(0.25)
     box.send_keys(f"{-STRENGTH:g}", Keys.TAB)  # "-" then "2": the strength of the test before
     _wait(browser, lambda: f"{EDIT} {STRENGTH:+g}σ" in _current(browser), "the typed strength in the label")
-
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(Keys.BACKSPACE, Keys.TAB)
-    errors = _wait(browser, lambda: (shown := [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".toast-body.error")])
-                   and all(shown) and shown, "a message about the empty box", check_errors=False)
-    assert all(f"{EDIT} (calibrated σ): type a number from -3 to 3" in e for e in errors), errors
-    for close in browser.find_elements(By.CSS_SELECTOR, ".toast-body.error .toast-close"):
-        close.click()
-    _wait(browser, lambda: not browser.find_elements(By.CSS_SELECTOR, ".toast-body.error"), "the messages to close",
-          check_errors=False)
-    _set_slider(browser, EDIT, STRENGTH)  # back to the session's edit, for the tests after this one
-    _wait(browser, lambda: f"{EDIT} {STRENGTH:+g}σ" in _current(browser), "the strength restored")
 
 
 def test_download_lora_equals_current_model(browser, space, downloads):
@@ -356,4 +343,3 @@ def test_second_tab_has_its_own_model(browser, server, downloads):
     browser.find_element(By.ID, "download-button").click()
     _wait(browser, lambda: any(name.startswith("inversion_of_face_png") for name in _download_links(browser)),
           "the first tab's files, named after its inversion")
-
